@@ -1,0 +1,109 @@
+"""``dtrain [overrides]`` trains; ``dtrain validate [overrides]`` only checks the config.
+
+Order matters: compose and validate on every rank before any process group exists, so bad input
+costs nothing and every rank exits with the same one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Sequence
+
+from dtrain.config.compose import config_hash, write_resolved
+from dtrain.config.errors import ConfigError
+from dtrain.config.validate import load_config
+from dtrain.distributed import collectives
+from dtrain.distributed.env import DistEnv, discover_env
+from dtrain.logs import setup_logging
+
+USAGE = """usage: dtrain [hydra overrides...]            train (e.g. dtrain model=gpt_tiny trainer.max_steps=50)
+       dtrain validate [hydra overrides...]   check a config without training
+       torchrun --nproc-per-node=N -m dtrain [overrides...]"""
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _report(error: ConfigError, env: DistEnv) -> int:
+    """One message per node (local rank 0). The others linger a moment before exiting, because torchrun
+    kills the surviving workers as soon as the first one exits, which could swallow the message."""
+    if env.local_rank == 0:
+        where = f"[rank{env.rank}] " if env.world_size > 1 else ""
+        print(where + error.render(), file=sys.stderr, flush=True)
+    else:
+        time.sleep(2.0)
+    return EXIT_CONFIG_ERROR
+
+
+def cmd_validate(overrides: Sequence[str]) -> int:
+    env = discover_env()
+    try:
+        cfg = load_config(overrides, env.world_size)
+    except ConfigError as e:
+        return _report(e, env)
+    print(f"config OK for world size {env.world_size}: model={cfg.model._target_} strategy={cfg.strategy.name} "
+          f"run.dir={cfg.run.dir} hash={config_hash(cfg)}")
+    return 0
+
+
+def _agree_on_config(cfg) -> None:
+    """Every rank must have resolved the identical config; name the ranks that differ."""
+    hashes = collectives.all_gather_object(config_hash(cfg))
+    if len(set(hashes)) > 1:
+        groups: dict[str, list[int]] = {}
+        for rank, value in enumerate(hashes):
+            groups.setdefault(value, []).append(rank)
+        detail = "; ".join(f"ranks {ranks} have hash {value}" for value, ranks in groups.items())
+        raise ConfigError(f"ranks resolved different configs ({detail}); give every rank the same overrides "
+                          "and set run.name explicitly")
+
+
+def cmd_train(overrides: Sequence[str]) -> int:
+    env = discover_env()
+    setup_logging(env)
+    try:
+        cfg = load_config(overrides, env.world_size)
+    except ConfigError as e:
+        return _report(e, env)
+    setup_logging(env, cfg.logging.level)
+
+    import torch.distributed as dist
+
+    from dtrain.distributed.process_group import destroy_process_group, init_process_group, pick_backend, pick_device
+    from dtrain.trainer import Trainer
+
+    device = pick_device(cfg.trainer.device, env)
+    try:
+        if cfg.strategy.name != "single":
+            init_process_group(env, pick_backend(cfg.dist.backend, device), device, cfg.dist.timeout_s)
+        _agree_on_config(cfg)
+        if env.is_rank_zero:
+            write_resolved(cfg, cfg.run.dir, overrides)
+        collectives.barrier()
+        Trainer.build(cfg, env, device).fit()
+    except ConfigError as e:
+        return _report(e, env)
+    finally:
+        if dist.is_initialized():
+            destroy_process_group()
+    return 0
+
+
+def run(argv: Sequence[str]) -> int:
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if argv and argv[0] == "validate":
+        return cmd_validate(argv[1:])
+    return cmd_train(argv)
+
+
+def main() -> None:
+    code = run(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if discover_env().world_size > 1:
+        # gloo + DDP can deadlock in destructors at interpreter exit; everything is saved and torn down by now
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,18 @@
+"""The one error type users see for bad input: printed as one line per problem, no traceback."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """Bad input that the user fixes by changing the config or the command line."""
+
+    def __init__(self, message: str | list[str]):
+        self.problems = [message] if isinstance(message, str) else list(message)
+        super().__init__("; ".join(self.problems))
+
+    def render(self) -> str:
+        if len(self.problems) == 1:
+            return f"dtrain: config error: {self.problems[0]}"
+        lines = [f"dtrain: {len(self.problems)} config errors:"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)

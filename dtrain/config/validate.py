@@ -1,0 +1,131 @@
+"""Cross-field checks on a composed config, run on every rank before any process group exists.
+
+Every problem is collected, so one run of ``dtrain validate`` shows all of them; each message names
+the key, the value and how to fix it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from dtrain.config.compose import compose_config
+from dtrain.config.errors import ConfigError
+from dtrain.optim import OPTIMIZERS, SCHEDULES
+from dtrain.strategies import check_strategy, data_parallel_size
+
+Check = Callable[[DictConfig, int], list[str]]
+
+
+def _positive(cfg: DictConfig, key: str, example: int | float) -> list[str]:
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    return [] if value > 0 else [f"{key}={value} must be positive (e.g. {key}={example})"]
+
+
+def check_numbers(cfg: DictConfig, world_size: int) -> list[str]:
+    problems = []
+    for key, example in (("trainer.max_steps", 100), ("trainer.global_batch_size", 16),
+                         ("trainer.micro_batch_size", 4), ("trainer.log_every", 10), ("optim.lr", 3e-4)):
+        problems += _positive(cfg, key, example)
+    t, o = cfg.trainer, cfg.optim
+    if t.eval_every < 0 or (t.eval_every > 0 and t.eval_batches <= 0):
+        problems.append(f"trainer.eval_every={t.eval_every} / trainer.eval_batches={t.eval_batches}: "
+                        "use eval_every=0 to disable evaluation, else positive values for both")
+    if o.warmup_steps < 0:
+        problems.append(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        problems.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be within [0, 1]")
+    if t.grad_clip < 0:
+        problems.append(f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    return problems
+
+
+def check_choices(cfg: DictConfig, world_size: int) -> list[str]:
+    problems = []
+    for key, value, valid in (("trainer.precision", cfg.trainer.precision, ("fp32", "bf16")),
+                              ("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda")),
+                              ("dist.backend", cfg.dist.backend, ("auto", "gloo", "nccl")),
+                              ("optim.name", cfg.optim.name, OPTIMIZERS),
+                              ("optim.schedule", cfg.optim.schedule, SCHEDULES),
+                              ("logging.progress", cfg.logging.progress, ("auto", "bar", "lines", "off"))):
+        if value not in valid:
+            problems.append(f"{key}={value} is not one of: {', '.join(valid)}")
+    if cfg.dist.backend == "nccl" and cfg.trainer.device == "cpu":
+        problems.append("dist.backend=nccl needs CUDA tensors but trainer.device=cpu; use dist.backend=gloo")
+    return problems
+
+
+def check_batch(cfg: DictConfig, world_size: int) -> list[str]:
+    t = cfg.trainer
+    if t.global_batch_size <= 0 or t.micro_batch_size <= 0:
+        return []
+    dp = data_parallel_size(cfg, world_size)
+    if dp is None:
+        return []
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        return [f"trainer.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x "
+                f"data-parallel size = {t.micro_batch_size} x {dp} = {t.micro_batch_size * dp}; pick a global "
+                f"batch that is a multiple of {t.micro_batch_size * dp} or change trainer.micro_batch_size"]
+    return []
+
+
+def _target_class(node: DictConfig, group: str) -> tuple[type | None, list[str]]:
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        return None, [f"{group} config has no _target_; pick a built-in ({group}=...) or set {group}._target_"]
+    try:
+        return get_class(target), []
+    except Exception as e:
+        return None, [f"{group}._target_={target} cannot be imported ({str(e).splitlines()[0]})"]
+
+
+def check_model_and_data(cfg: DictConfig, world_size: int) -> list[str]:
+    model_cls, problems = _target_class(cfg.model, "model")
+    data_cls, data_problems = _target_class(cfg.data, "data")
+    problems += data_problems
+    if data_cls is not None and hasattr(data_cls, "check_config"):
+        problems += data_cls.check_config(cfg.data)
+    if model_cls is not None and {"d_model", "n_head"} <= set(cfg.model.keys()):
+        m = cfg.model
+        if m.d_model % m.n_head:
+            problems.append(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
+        if "vocab_size" in cfg.data and m.vocab_size < cfg.data.vocab_size:
+            problems.append(f"model.vocab_size={m.vocab_size} is smaller than the data's vocabulary "
+                            f"data.vocab_size={cfg.data.vocab_size}")
+        if "seq_len" in cfg.data and m.seq_len < cfg.data.seq_len:
+            problems.append(f"model.seq_len={m.seq_len} is shorter than data.seq_len={cfg.data.seq_len}")
+    return problems
+
+
+def check_strategy_fits(cfg: DictConfig, world_size: int) -> list[str]:
+    return check_strategy(cfg, world_size)
+
+
+CHECKS: tuple[Check, ...] = (check_numbers, check_choices, check_strategy_fits, check_batch, check_model_and_data)
+
+
+def find_problems(cfg: DictConfig, world_size: int) -> list[str]:
+    """Every problem of the config, one line each; a check that needs a missing value is skipped."""
+    problems = [f"{key} is required; set it on the command line ({key}=...)"
+                for key in sorted(OmegaConf.missing_keys(cfg))]
+    for check in CHECKS:
+        try:
+            problems += check(cfg, world_size)
+        except MissingMandatoryValue:
+            continue
+    return problems
+
+
+def load_config(overrides: Sequence[str], world_size: int) -> DictConfig:
+    """Compose, resolve and validate; raise one ConfigError listing every problem found."""
+    cfg, problems = compose_config(overrides)
+    if cfg is not None:
+        problems += find_problems(cfg, world_size)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -1,0 +1,50 @@
+"""Strategy registry: config name -> the class that implements it (imported lazily).
+
+Lazy so that ``dtrain validate`` and the unit tests do not import DeepSpeed or pipelining code for a
+strategy nobody asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from omegaconf import DictConfig
+
+from dtrain.distributed.env import DistEnv
+from dtrain.strategies.base import StepResult, StepSpec, Strategy
+
+__all__ = ["STRATEGIES", "StepResult", "StepSpec", "Strategy", "build_strategy", "check_strategy",
+           "data_parallel_size"]
+
+# name -> "module:Class"; one class per family, several names per class
+STRATEGIES: dict[str, str] = {
+    "single": "dtrain.strategies.native:NativeStrategy",
+    "ddp": "dtrain.strategies.native:NativeStrategy",
+}
+
+
+def _strategy_class(name: str) -> type:
+    module, _, cls = STRATEGIES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def check_strategy(cfg: DictConfig, world_size: int) -> list[str]:
+    """Problems with ``cfg.strategy`` for this world size, as one-line messages."""
+    name = cfg.strategy.name
+    if name not in STRATEGIES:
+        return [f"unknown strategy.name '{name}'; choose one of: {', '.join(STRATEGIES)}"]
+    return _strategy_class(name).check_config(name, cfg.strategy, world_size)
+
+
+def data_parallel_size(cfg: DictConfig, world_size: int) -> int | None:
+    """How many ways the global batch is split; None when the strategy name is unknown."""
+    name = cfg.strategy.name
+    if name not in STRATEGIES:
+        return None
+    return _strategy_class(name).data_parallel_size(name, cfg.strategy, world_size)
+
+
+def build_strategy(cfg: DictConfig, spec: StepSpec, env: DistEnv, device: torch.device) -> Strategy:
+    name = cfg.strategy.name
+    return _strategy_class(name)(name, cfg.strategy, spec, env, device)

@@ -1,0 +1,132 @@
+"""Native PyTorch strategies that keep one whole model per step: ``single`` and ``ddp``.
+
+The step: split this rank's share of the global batch into micro-batches, run forward/backward on
+each with gradient sync only on the last, clip the global gradient norm, step, zero grads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel
+
+from dtrain.distributed import collectives
+from dtrain.distributed.env import DistEnv
+from dtrain.parallel.ddp import apply_ddp
+from dtrain.parallel.materialize import materialize
+from dtrain.strategies.base import OptimizerFactory, StepResult, StepSpec
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy (float32 for a stable softmax under autocast)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def split_micro_batches(batch: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:
+    if batch.shape[0] % micro_batch_size:
+        raise ValueError(f"local batch {batch.shape[0]} is not a multiple of micro batch {micro_batch_size}")
+    return list(batch.split(micro_batch_size))
+
+
+class NativeStrategy:
+    """``single``: one process, no process group. ``ddp``: DistributedDataParallel over every rank."""
+
+    def __init__(self, name: str, cfg: DictConfig, spec: StepSpec, env: DistEnv, device: torch.device):
+        self.name, self.cfg, self.spec, self.env, self.device = name, cfg, spec, env, device
+        self.model: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    @staticmethod
+    def check_config(name: str, cfg: DictConfig, world_size: int) -> list[str]:
+        if name == "single" and world_size != 1:
+            return [f"strategy=single runs one process but the world size is {world_size}; "
+                    "use strategy=ddp, or launch one process"]
+        return []
+
+    @staticmethod
+    def data_parallel_size(name: str, cfg: DictConfig, world_size: int) -> int:
+        return world_size if name == "ddp" else 1
+
+    @property
+    def dp_rank(self) -> int:
+        return self.env.rank if self.name == "ddp" else 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.data_parallel_size(self.name, self.cfg, self.env.world_size)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        assert self._optimizer is not None, "setup() first"
+        return self._optimizer
+
+    def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
+        materialize(model, self.device, self.spec.seed)
+        self._optimizer = build_optimizer(model.named_parameters())
+        if self.name == "ddp":
+            model = apply_ddp(model, self.device, self.cfg.bucket_cap_mb, self.cfg.find_unused_parameters)
+        self.model = model
+
+    def _sync_gradients(self, enabled: bool) -> contextlib.AbstractContextManager:
+        if isinstance(self.model, DistributedDataParallel) and not enabled:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _forward_loss(self, micro_batch: torch.Tensor) -> torch.Tensor:
+        micro_batch = micro_batch.to(self.device, non_blocking=True)
+        with autocast(self.device, self.spec.precision):
+            logits = self.model(micro_batch[:, :-1])
+        return token_loss(logits, micro_batch[:, 1:])
+
+    def train_step(self, batch: torch.Tensor) -> StepResult:
+        self.model.train()
+        micro_batches = split_micro_batches(batch, self.spec.micro_batch_size)
+        loss_sum = torch.zeros((), device=self.device)
+        for index, micro_batch in enumerate(micro_batches):
+            with self._sync_gradients(index == len(micro_batches) - 1):
+                loss = self._forward_loss(micro_batch)
+                (loss / len(micro_batches)).backward()
+            loss_sum += loss.detach()
+        max_norm = self.spec.grad_clip if self.spec.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=collectives.all_reduce_mean(loss_sum / len(micro_batches)), grad_norm=grad_norm)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        losses = [self._forward_loss(mb) for mb in split_micro_batches(batch, self.spec.micro_batch_size)]
+        return collectives.all_reduce_mean(torch.stack(losses).mean())
+
+    def _unwrapped(self) -> nn.Module:
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def sampling_model(self) -> nn.Module | None:
+        return self._unwrapped()
+
+    def teardown(self) -> None:
+        self.model = None
+        self._optimizer = None

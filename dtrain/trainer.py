@@ -1,0 +1,115 @@
+"""The training loop: batch -> strategy.train_step -> metrics -> (eval) -> log. Nothing strategy-specific.
+
+``Trainer.build`` wires the parts from a validated config; ``run_step`` is one full iteration of the
+loop (also what the overhead benchmark times); ``fit`` repeats it and samples text at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+
+from dtrain.data.loader import ResumableLoader, build_dataset, eval_batches
+from dtrain.distributed.env import DistEnv
+from dtrain.metrics.loggers import MetricLogger, build_loggers
+from dtrain.metrics.throughput import peak_memory_bytes, step_throughput
+from dtrain.models import build_model
+from dtrain.models.generate import generate
+from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.strategies import Strategy, StepSpec, build_strategy
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, env: DistEnv, device: torch.device, strategy: Strategy,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: ResumableLoader,
+                 val_dataset: Dataset | None, logger: MetricLogger, flops_per_token: float | None):
+        self.cfg, self.env, self.device, self.strategy = cfg, env, device, strategy
+        self.scheduler, self.train_loader, self.val_dataset = scheduler, train_loader, val_dataset
+        self.logger, self.flops_per_token = logger, flops_per_token
+        self.step = 0
+        self.tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
+
+    @classmethod
+    def build(cls, cfg: DictConfig, env: DistEnv, device: torch.device) -> "Trainer":
+        t = cfg.trainer
+        torch.manual_seed(t.seed + env.rank)  # dropout and sampling differ per rank; weights do not
+        train_set = build_dataset(cfg.data, "train")
+        val_set = build_dataset(cfg.data, "val") if t.eval_every > 0 else None
+        model = build_model(cfg.model, t.seed)
+        flops = model.flops_per_token(cfg.data.seq_len) if hasattr(model, "flops_per_token") else None
+        n_params = sum(p.numel() for p in model.parameters())
+        spec = StepSpec(t.global_batch_size, t.micro_batch_size, t.grad_clip, t.precision, t.seed)
+        strategy = build_strategy(cfg, spec, env, device)
+        strategy.setup(model, lambda named: build_optimizer(named, cfg.optim))
+        scheduler = build_scheduler(strategy.optimizer, cfg.optim, t.max_steps)
+        loader = ResumableLoader(train_set, t.global_batch_size, strategy.dp_rank, strategy.dp_size, t.seed,
+                                 t.data_workers)
+        accumulation = t.global_batch_size // (t.micro_batch_size * strategy.dp_size)
+        log.info("model %s: %.2fM parameters | strategy %s on %d ranks (data-parallel %d) | global batch %d = "
+                 "micro %d x accumulation %d x dp %d | %d tokens/step | run dir %s",
+                 cfg.model._target_.rsplit(".", 1)[-1], n_params / 1e6, strategy.name, env.world_size,
+                 strategy.dp_size, t.global_batch_size, t.micro_batch_size, accumulation, strategy.dp_size,
+                 t.global_batch_size * cfg.data.seq_len, cfg.run.dir)
+        return cls(cfg, env, device, strategy, scheduler, loader, val_set,
+                   build_loggers(cfg, env.is_rank_zero), flops)
+
+    def run_step(self) -> dict[str, Any]:
+        """One optimizer step with its measurements. Step time includes waiting for data."""
+        start = time.perf_counter()
+        batch = next(self.train_loader)
+        data_time = time.perf_counter() - start
+        lr = self.scheduler.get_last_lr()[0]
+        result = self.strategy.train_step(batch)
+        self.scheduler.step()
+        loss = result.loss.item()  # synchronizes the device, so the clock below is honest
+        step_time = time.perf_counter() - start
+        self.step += 1
+        metrics: dict[str, Any] = {"loss": loss, "lr": lr, "step_time_s": step_time,
+                                   "data_wait_share": data_time / step_time,
+                                   "grad_norm": float(result.grad_norm),
+                                   "peak_mem_gib": peak_memory_bytes(self.device) / 2**30}
+        metrics.update(step_throughput(self.tokens_per_step, step_time, self.flops_per_token,
+                                       self.env.world_size, self.cfg.hardware.peak_flops_per_device))
+        return metrics
+
+    def evaluate(self) -> float:
+        t = self.cfg.trainer
+        losses = [self.strategy.eval_loss(batch) for batch in
+                  eval_batches(self.val_dataset, t.global_batch_size, self.strategy.dp_rank, self.strategy.dp_size,
+                               t.eval_batches)]
+        return float(torch.stack(losses).mean()) if losses else float("nan")
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.trainer
+        metrics: dict[str, Any] = {}
+        while self.step < t.max_steps:
+            metrics = self.run_step()
+            if self.val_dataset is not None and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                metrics["val_loss"] = self.evaluate()
+            if self.step % t.log_every == 0 or self.step == t.max_steps or "val_loss" in metrics:
+                self.logger.log(self.step, metrics)
+        self.logger.close()
+        self.sample_text()
+        return metrics
+
+    def sample_text(self) -> str | None:
+        """Decode a short sample on every rank in lockstep (sharded models need all of them); rank 0 prints."""
+        t = self.cfg.trainer
+        dataset = self.train_loader.dataset
+        model = self.strategy.sampling_model()
+        if t.sample_tokens <= 0 or model is None or not hasattr(dataset, "decode"):
+            return None
+        prompt = dataset.encode(t.sample_prompt)
+        tokens = generate(model, prompt, t.sample_tokens, self.cfg.data.seq_len, t.sample_temperature,
+                          seed=t.seed, device=self.device)
+        text = t.sample_prompt + dataset.decode(tokens)
+        if self.env.is_rank_zero:
+            print(f"\n--- sample after {self.step} steps ---\n{text}\n--- end of sample ---", flush=True)
+        return text

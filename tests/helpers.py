@@ -1,0 +1,98 @@
+"""Test helpers: free ports, subprocess and torchrun runners that never hang and clean up after themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "GROUP_RANK", "ROLE_RANK")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_cmd(args: list[str], timeout: float = 240, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout kill the whole group (workers too) and fail."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or subprocess_env(), cwd=cwd or REPO, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(args)}\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def torchrun(nproc: int, overrides: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=test", "-m", "dtrain", *overrides]
+    return run_cmd(args, timeout=timeout, env=subprocess_env(**env))
+
+
+def dtrain_single(overrides: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    return run_cmd([sys.executable, "-m", "dtrain", *overrides], timeout=timeout, env=subprocess_env(**env))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# Small, fast settings shared by the end-to-end tests.
+TINY_TRAIN = ["model=gpt_tiny", "model.n_layer=2", "model.d_model=64", "trainer.global_batch_size=8",
+              "trainer.micro_batch_size=2", "trainer.eval_every=0", "trainer.sample_tokens=0", "trainer.log_every=1",
+              "logging.progress=lines"]
+TINY_DATA = ["data.seq_len=32", "data.max_bytes=400000"]
+TINY = TINY_TRAIN + TINY_DATA
+
+
+def _worker_entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "OMP_NUM_THREADS": "1"})
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_workers(fn, world_size: int, *args, timeout: float = 180) -> None:
+    """Run ``fn(rank, world_size, *args)`` in fresh processes inside a gloo group; raise if any rank fails."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_worker_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{fn.__name__} did not finish on {world_size} ranks within {timeout}s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
