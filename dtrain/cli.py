@@ -20,7 +20,11 @@ from dtrain.logs import setup_logging
 
 USAGE = """usage: dtrain [hydra overrides...]            train (e.g. dtrain model=gpt_tiny trainer.max_steps=50)
        dtrain validate [hydra overrides...]   check a config without training
-       torchrun --nproc-per-node=N -m dtrain [overrides...]"""
+       dtrain ckpt ls|verify|inspect|export   look at checkpoints (dtrain ckpt --help)
+       torchrun --nproc-per-node=N -m dtrain [overrides...]
+
+exit codes: 0 done | 2 bad config or storage (nothing was started) | 75 preempted after a committed
+checkpoint (requeue me) | other: a crash"""
 
 EXIT_CONFIG_ERROR = 2
 
@@ -70,9 +74,15 @@ def cmd_train(overrides: Sequence[str]) -> int:
 
     import torch.distributed as dist
 
+    from dtrain.checkpoint.preemption import EXIT_PREEMPTED, Preempted
+    from dtrain.checkpoint.preflight import preflight
     from dtrain.distributed.process_group import destroy_process_group, init_process_group, pick_backend, pick_device
     from dtrain.trainer import Trainer
 
+    try:
+        write_bandwidth = preflight(cfg, env)
+    except ConfigError as e:
+        return _report(e, env)
     device = pick_device(cfg.trainer.device, env)
     try:
         if cfg.strategy.name != "single":
@@ -81,9 +91,12 @@ def cmd_train(overrides: Sequence[str]) -> int:
         if env.is_rank_zero:
             write_resolved(cfg, cfg.run.dir, overrides)
         collectives.barrier()
-        Trainer.build(cfg, env, device).fit()
+        Trainer.build(cfg, env, device, write_bandwidth).fit()
     except ConfigError as e:
         return _report(e, env)
+    except Preempted as e:
+        print(f"dtrain: {e}; exiting with {EXIT_PREEMPTED} so the launcher requeues", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     finally:
         if dist.is_initialized():
             destroy_process_group()
@@ -96,6 +109,10 @@ def run(argv: Sequence[str]) -> int:
         return 0
     if argv and argv[0] == "validate":
         return cmd_validate(argv[1:])
+    if argv and argv[0] == "ckpt":
+        from dtrain.checkpoint.cli import main as ckpt_main
+
+        return ckpt_main(argv[1:])
     return cmd_train(argv)
 
 

@@ -14,6 +14,10 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
+from dtrain.checkpoint.manager import CheckpointManager
+from dtrain.checkpoint.preemption import Preempted, PreemptionWatcher
+from dtrain.config.compose import config_hash
+from dtrain.config.errors import ConfigError
 from dtrain.data.loader import ResumableLoader, build_dataset, eval_batches
 from dtrain.distributed.env import DistEnv
 from dtrain.metrics.loggers import MetricLogger, build_loggers
@@ -29,15 +33,20 @@ log = logging.getLogger(__name__)
 class Trainer:
     def __init__(self, cfg: DictConfig, env: DistEnv, device: torch.device, strategy: Strategy,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: ResumableLoader,
-                 val_dataset: Dataset | None, logger: MetricLogger, flops_per_token: float | None):
+                 val_dataset: Dataset | None, logger: MetricLogger, flops_per_token: float | None,
+                 checkpoints: CheckpointManager, preemption: PreemptionWatcher | None = None):
         self.cfg, self.env, self.device, self.strategy = cfg, env, device, strategy
         self.scheduler, self.train_loader, self.val_dataset = scheduler, train_loader, val_dataset
         self.logger, self.flops_per_token = logger, flops_per_token
+        self.checkpoints, self.preemption = checkpoints, preemption
         self.step = 0
         self.tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
+        self._grace_warned = False
 
     @classmethod
-    def build(cls, cfg: DictConfig, env: DistEnv, device: torch.device) -> "Trainer":
+    def build(cls, cfg: DictConfig, env: DistEnv, device: torch.device,
+              write_bandwidth: float | None = None) -> "Trainer":
+        """Wire every part from a validated config, then resume from the newest committed checkpoint."""
         t = cfg.trainer
         torch.manual_seed(t.seed + env.rank)  # dropout and sampling differ per rank; weights do not
         train_set = build_dataset(cfg.data, "train")
@@ -57,8 +66,55 @@ class Trainer:
                  cfg.model._target_.rsplit(".", 1)[-1], n_params / 1e6, strategy.name, env.world_size,
                  strategy.dp_size, t.global_batch_size, t.micro_batch_size, accumulation, strategy.dp_size,
                  t.global_batch_size * cfg.data.seq_len, cfg.run.dir)
-        return cls(cfg, env, device, strategy, scheduler, loader, val_set,
-                   build_loggers(cfg, env.is_rank_zero), flops)
+        checkpoints = CheckpointManager(cfg, env, config_hash(cfg), strategy.name)
+        trainer = cls(cfg, env, device, strategy, scheduler, loader, val_set, build_loggers(cfg, env.is_rank_zero),
+                      flops, checkpoints, PreemptionWatcher(list(cfg.checkpoint.preemption_signals)))
+        trainer.resume()
+        trainer.warn_if_save_exceeds_grace(write_bandwidth)
+        return trainer
+
+    # -- checkpoint state ------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """Everything besides model and optimizer that an exact resume needs (JSON, same on every rank)."""
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "loader": self.train_loader.state_dict(),
+                "seed": self.cfg.trainer.seed}
+
+    def resume(self) -> None:
+        template = self.strategy.state_dict()
+        restored = self.checkpoints.restore(template)
+        if restored is None:
+            return
+        self.strategy.load_state_dict(template)
+        self.scheduler.load_state_dict(restored.extras["scheduler"])
+        try:
+            self.train_loader.load_state_dict(restored.extras["loader"])
+        except ValueError as e:
+            raise ConfigError(f"cannot resume from {restored.source}: {e}") from None
+        self.step = restored.step
+
+    def save_checkpoint(self, blocking: bool = False) -> float:
+        blocked = self.checkpoints.save(self.step, self.strategy.state_dict(), self.extra_state(), blocking)
+        self.warn_if_save_exceeds_grace()
+        return blocked
+
+    def warn_if_save_exceeds_grace(self, write_bandwidth: float | None = None) -> None:
+        """A preemption save must finish between the signal and SIGKILL; say so early when it cannot."""
+        grace = self.cfg.checkpoint.grace_period_s
+        if self._grace_warned or not self.env.is_rank_zero:
+            return
+        if write_bandwidth:
+            state_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.strategy.state_dict()))
+            estimate, how = state_bytes / write_bandwidth, f"estimated from {state_bytes / 1e6:.0f} MB per rank at " \
+                f"{write_bandwidth / 1e6:.0f} MB/s"
+        elif self.checkpoints.last_save_seconds is not None:
+            estimate, how = self.checkpoints.last_save_seconds, "measured on the last save"
+        else:
+            return
+        if estimate > 0.8 * grace:
+            self._grace_warned = True
+            log.warning("a checkpoint save takes ~%.1f s (%s) but checkpoint.grace_period_s=%.0f: a preemption "
+                        "save may be killed; raise the launcher's grace period or use faster storage", estimate,
+                        how, grace)
 
     def run_step(self) -> dict[str, Any]:
         """One optimizer step with its measurements. Step time includes waiting for data."""
@@ -86,16 +142,38 @@ class Trainer:
                                t.eval_batches)]
         return float(torch.stack(losses).mean()) if losses else float("nan")
 
-    def fit(self) -> dict[str, Any]:
+    def advance(self) -> dict[str, Any]:
+        """One turn of the loop: a step, then evaluation, checkpoint, logging and the preemption check."""
         t = self.cfg.trainer
+        metrics = self.run_step()
+        if self.val_dataset is not None and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+            metrics["val_loss"] = self.evaluate()
+        if self.checkpoints.due(self.step):
+            metrics["ckpt_blocked_s"] = self.save_checkpoint()
+        if (self.step % t.log_every == 0 or self.step == t.max_steps or "val_loss" in metrics
+                or "ckpt_blocked_s" in metrics):
+            self.logger.log(self.step, metrics)
+        if self.preemption is not None and self.preemption.agreed():
+            self.save_checkpoint(blocking=True)
+            self.checkpoints.finalize()
+            raise Preempted(self.step, self.preemption.signal_name)
+        return metrics
+
+    def fit(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
-        while self.step < t.max_steps:
-            metrics = self.run_step()
-            if self.val_dataset is not None and (self.step % t.eval_every == 0 or self.step == t.max_steps):
-                metrics["val_loss"] = self.evaluate()
-            if self.step % t.log_every == 0 or self.step == t.max_steps or "val_loss" in metrics:
-                self.logger.log(self.step, metrics)
-        self.logger.close()
+        if self.step:
+            log.info("continuing at step %d of %d", self.step, self.cfg.trainer.max_steps)
+        try:
+            while self.step < self.cfg.trainer.max_steps:
+                metrics = self.advance()
+            if self.cfg.checkpoint.save_final:
+                self.save_checkpoint(blocking=True)
+            self.checkpoints.finalize()
+        finally:
+            self.logger.close()
+            self.checkpoints.close()
+            if self.preemption is not None:
+                self.preemption.restore()
         self.sample_text()
         return metrics
 
@@ -113,3 +191,15 @@ class Trainer:
         if self.env.is_rank_zero:
             print(f"\n--- sample after {self.step} steps ---\n{text}\n--- end of sample ---", flush=True)
         return text
+
+
+def _tensors(state: Any):
+    """Local tensors of a (nested) state dict; DTensors count their local shard only."""
+    if isinstance(state, dict):
+        for value in state.values():
+            yield from _tensors(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _tensors(value)
+    elif isinstance(state, torch.Tensor):
+        yield state.to_local() if hasattr(state, "to_local") else state

@@ -110,6 +110,23 @@ class HardwareConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    uri: str = "${run.dir}/checkpoints"  # a path, file://, s3://, gs:// or memory://
+    # passed to fsspec (endpoint_url, anon, ...); credentials belong in the environment, and are redacted
+    # from every file and log dtrain writes
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    interval_steps: int = 100  # 0: only the final (and preemption) checkpoint
+    keep_last: int = 2  # committed steps kept; never fewer than 1
+    async_mode: str = "off"  # off | thread | process
+    resume: str = "auto"  # auto | never | <step> | <URI of a step_XXXXXXXX folder>
+    verify_checksums: bool = True  # SHA-256 of every file before loading (sizes are always checked)
+    save_final: bool = True
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    grace_period_s: float = 30.0  # time between the signal and SIGKILL (torchrun, K8s and Slurm defaults: 30 s)
+    commit_timeout_s: float = 600.0
+
+
+@dataclass
 class GPTSchema:
     _target_: str = "dtrain.models.gpt.GPT"
     vocab_size: int = MISSING
@@ -159,6 +176,7 @@ class TrainConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     model: Any = MISSING
     data: Any = MISSING
 
@@ -171,6 +189,7 @@ def register_schemas() -> None:
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
     cs.store(group="logging", name="logging_schema", node=LoggingConfig)
     cs.store(group="hardware", name="hardware_schema", node=HardwareConfig)
+    cs.store(group="checkpoint", name="checkpoint_schema", node=CheckpointConfig)
     cs.store(group="model", name="gpt_schema", node=GPTSchema)
     cs.store(group="data", name="stdlib_schema", node=StdlibCorpusSchema)
     cs.store(group="data", name="memmap_schema", node=MemmapSchema)

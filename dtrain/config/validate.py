@@ -6,6 +6,7 @@ the key, the value and how to fix it.
 
 from __future__ import annotations
 
+import signal
 from typing import Callable, Sequence
 
 from hydra.utils import get_class
@@ -102,11 +103,36 @@ def check_model_and_data(cfg: DictConfig, world_size: int) -> list[str]:
     return problems
 
 
+def check_checkpoint(cfg: DictConfig, world_size: int) -> list[str]:
+    c = cfg.checkpoint
+    problems = []
+    if c.keep_last < 1:
+        problems.append(f"checkpoint.keep_last={c.keep_last} must be >= 1 (the newest committed step is always kept)")
+    if c.interval_steps < 0:
+        problems.append(f"checkpoint.interval_steps={c.interval_steps} must be >= 0 (0: only final/preemption saves)")
+    if c.async_mode not in ("off", "thread", "process"):
+        problems.append(f"checkpoint.async_mode={c.async_mode} is not one of: off, thread, process")
+    resume = str(c.resume)
+    if resume not in ("auto", "never") and not resume.isdigit() and "step_" not in resume:
+        problems.append(f"checkpoint.resume={resume} must be auto, never, a step number, or the URI of a "
+                        "step_<8 digits> folder")
+    if "CHANGE-ME" in c.uri:
+        problems.append(f"checkpoint.uri={c.uri} is the template's placeholder; set checkpoint.uri=s3://BUCKET/PATH "
+                        "(or gs://...)")
+    for name in c.preemption_signals:
+        if not isinstance(name, str) or not name.startswith("SIG") or not hasattr(signal, name):
+            problems.append(f"checkpoint.preemption_signals has {name!r}, not a signal name (e.g. SIGTERM, SIGUSR1)")
+    if c.grace_period_s <= 0:
+        problems.append(f"checkpoint.grace_period_s={c.grace_period_s} must be positive")
+    return problems
+
+
 def check_strategy_fits(cfg: DictConfig, world_size: int) -> list[str]:
     return check_strategy(cfg, world_size)
 
 
-CHECKS: tuple[Check, ...] = (check_numbers, check_choices, check_strategy_fits, check_batch, check_model_and_data)
+CHECKS: tuple[Check, ...] = (check_numbers, check_choices, check_strategy_fits, check_batch, check_model_and_data,
+                             check_checkpoint)
 
 
 def find_problems(cfg: DictConfig, world_size: int) -> list[str]:

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from dtrain.config.compose import redacted_container
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ class WandbLogger:
 
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(run_dir),
                               name=run_name, id=run_name, resume="allow",
-                              config=OmegaConf.to_container(config, resolve=True))
+                              config=redacted_container(config))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.run.log(metrics, step=step)

@@ -1,0 +1,137 @@
+"""dtrain's ``ddp`` loop against a minimal hand-written torch DDP loop: same model, data, batch, ranks.
+
+    python benchmarks/overhead.py --out overhead.json          # launches itself on 2 gloo ranks
+
+Both loops live in the same two processes and take turns in blocks of steps (the order flips every
+round, so drift on a busy machine hits both alike); the first round is warm-up. The JSON holds both
+median step times and ``ratio`` = dtrain / baseline (goal: <= 1.02).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OVERRIDES = ["model=gpt_tiny", "data=stdlib", "data.seq_len=128", "data.max_bytes=4000000", "strategy=ddp",
+             "trainer.global_batch_size=32", "trainer.micro_batch_size=8", "trainer.eval_every=0",
+             "trainer.log_every=1", "trainer.sample_tokens=0", "logging.progress=off", "trainer.max_steps=1000000"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="where to write the JSON result")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds after one warm-up round")
+    parser.add_argument("--steps", type=int, default=8, help="steps per loop per round")
+    parser.add_argument("--nproc", type=int, default=2)
+    return parser.parse_args()
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Re-run this file under torchrun on ``--nproc`` local ranks."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               __file__, "--out", args.out, "--rounds", str(args.rounds), "--steps", str(args.steps)]
+    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
+class BaselineLoop:
+    """What a user writes by hand: DistributedSampler, DDP, no_sync accumulation, clipping, AdamW, LambdaLR."""
+
+    def __init__(self, cfg, device):
+        import torch
+        import torch.distributed as dist
+        import torch.nn.functional as F
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        from dtrain.data.loader import build_dataset
+        from dtrain.models import build_model
+        from dtrain.optim import build_optimizer, build_scheduler
+        from dtrain.parallel.materialize import materialize
+
+        self.torch, self.F = torch, F
+        model = build_model(cfg.model, cfg.trainer.seed)
+        materialize(model, device, cfg.trainer.seed)
+        self.optimizer = build_optimizer(model.named_parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        self.model = DistributedDataParallel(model)
+        dataset = build_dataset(cfg.data, "train")
+        local_batch = cfg.trainer.global_batch_size // dist.get_world_size()
+        sampler = DistributedSampler(dataset, seed=cfg.trainer.seed)
+        self.batches = iter(DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True))
+        self.micro, self.clip = cfg.trainer.micro_batch_size, cfg.trainer.grad_clip
+
+    def step(self) -> float:
+        batch = next(self.batches)
+        chunks = batch.split(self.micro)
+        for i, chunk in enumerate(chunks):
+            context = self.model.no_sync() if i < len(chunks) - 1 else contextlib.nullcontext()
+            with context:
+                logits = self.model(chunk[:, :-1])
+                loss = self.F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+                (loss / len(chunks)).backward()
+        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss.item()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from dtrain.config.validate import load_config
+    from dtrain.distributed.env import discover_env
+    from dtrain.distributed.process_group import destroy_process_group, init_process_group
+    from dtrain.trainer import Trainer
+
+    env = discover_env()
+    device = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config([*OVERRIDES, f"run.dir={run_dir}"], env.world_size)
+        init_process_group(env, "gloo", device, 300)
+        trainer = Trainer.build(cfg, env, device)
+        baseline = BaselineLoop(cfg, device)
+        times: dict[str, list[float]] = {"baseline": [], "dtrain": []}
+        loops = {"baseline": baseline.step, "dtrain": trainer.advance}
+        for round_index in range(args.rounds + 1):
+            order = ["baseline", "dtrain"] if round_index % 2 == 0 else ["dtrain", "baseline"]
+            for name in order:
+                samples = [timed(loops[name]) for _ in range(args.steps)]
+                if round_index > 0:  # round 0 warms up both
+                    times[name].extend(samples)
+        trainer.logger.close()
+        if env.is_rank_zero:
+            base, ours = statistics.median(times["baseline"]), statistics.median(times["dtrain"])
+            result = {"benchmark": "overhead", "world_size": env.world_size, "backend": "gloo",
+                      "overrides": OVERRIDES, "rounds": args.rounds, "steps_per_round": args.steps,
+                      "baseline_step_s": base, "dtrain_step_s": ours, "ratio": ours / base,
+                      "goal": "ratio <= 1.02", "torch": torch.__version__}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            print(json.dumps(result, indent=2))
+        destroy_process_group()
+
+
+def main() -> None:
+    args = parse_args()
+    if "RANK" not in os.environ:
+        sys.exit(launch(args))
+    worker(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""``dtrain ckpt ls|verify|inspect|export``: look at checkpoints without starting a job.
+
+Works on any fsspec URI; storage options (e.g. an S3 endpoint) via ``-o endpoint_url=http://...``;
+credentials from the environment, never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import posixpath
+import sys
+import time
+from typing import Any, Sequence
+
+from dtrain.checkpoint.manifest import MANIFEST, ManifestError, parse_step, read_manifest, verify_files
+from dtrain.checkpoint.storage import Storage, StorageError
+
+EXIT_BAD = 1
+
+
+def _options(pairs: Sequence[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"dtrain ckpt: -o expects KEY=VALUE, got {pair!r}")
+        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
+
+
+def _split_step(uri: str) -> tuple[str, str | None]:
+    """``s3://b/run/step_00000100`` -> (``s3://b/run``, ``step_00000100``); a root URI -> (uri, None)."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    return (parent, name) if parse_step(name) is not None else (uri.rstrip("/"), None)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    storage = Storage(args.uri, _options(args.option))
+    rows = []
+    for name in storage.listdir():
+        if parse_step(name) is None:
+            continue
+        try:
+            m = read_manifest(storage, name)
+            rows.append((name, "committed", m.world_size, m.strategy, f"{m.total_bytes / 1e6:.1f} MB",
+                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_unix))))
+        except ManifestError as e:
+            rows.append((name, "INCOMPLETE", "-", "-", "-", str(e).split(": ", 1)[-1][:60]))
+    if not rows:
+        print(f"no checkpoint steps under {storage.uri}")
+        return 0
+    print(f"{'step':<15} {'state':<11} {'world':>5} {'strategy':<9} {'size':>10}  saved")
+    for row in rows:
+        print(f"{row[0]:<15} {row[1]:<11} {row[2]!s:>5} {row[3]:<9} {row[4]:>10}  {row[5]}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    root, step = _split_step(args.uri)
+    storage = Storage(root, _options(args.option))
+    names = [step] if step else [n for n in storage.listdir() if parse_step(n) is not None]
+    if not names:
+        print(f"no checkpoint steps under {storage.uri}")
+        return EXIT_BAD
+    failed = 0
+    for name in names:
+        try:
+            manifest = read_manifest(storage, name)
+            problems = verify_files(storage, name, manifest.files, checksums=not args.sizes_only)
+        except ManifestError as e:
+            problems = [str(e)]
+        if problems:
+            failed += 1
+            print(f"FAIL {storage.url(name)}: " + "; ".join(problems))
+        else:
+            print(f"OK   {storage.url(name)} ({len(manifest.files)} files, {manifest.total_bytes / 1e6:.1f} MB, "
+                  f"{'sizes' if args.sizes_only else 'sizes and SHA-256'} verified)")
+    return EXIT_BAD if failed else 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    root, step = _split_step(args.uri)
+    if step is None:
+        raise SystemExit("dtrain ckpt inspect: give the URI of one step folder (…/step_XXXXXXXX)")
+    storage = Storage(root, _options(args.option))
+    manifest = read_manifest(storage, step)
+    print(f"{storage.url(step)}")
+    print(f"  step {manifest.step} | world size {manifest.world_size} | strategy {manifest.strategy} | "
+          f"config hash {manifest.config_hash} | saved in {manifest.save_seconds:.2f} s | "
+          f"{manifest.total_bytes / 1e6:.1f} MB")
+    for entry in manifest.files:
+        print(f"  {entry['size']:>14,d}  {entry['sha256'][:16]}  {entry['path']}")
+    trainer_state = json.loads(storage.read_bytes(posixpath.join(step, "trainer_state.json")))
+    print(f"  data position: global sample {trainer_state['loader']['next_sample']} | lr "
+          f"{trainer_state['scheduler'].get('_last_lr')}")
+    if args.overrides is not None:
+        from dtrain.config.compose import diff_keys
+        from dtrain.config.validate import load_config
+
+        saved = OmegaConf.create(storage.read_bytes(posixpath.join(step, "config.yaml")).decode())
+        current = load_config(args.overrides, manifest.world_size)
+        ignored = ("run.", "checkpoint.", "logging.")
+        differing = [k for k in diff_keys(saved, current) if not k.startswith(ignored)]
+        print(f"  config diff against `{' '.join(args.overrides)}` ({len(differing)} keys):")
+        for key in differing:
+            print(f"    {key}: {OmegaConf.select(saved, key)} (checkpoint) -> {OmegaConf.select(current, key)}")
+    return 0
+
+
+def load_model_weights(storage: Storage, step: str) -> dict[str, Any]:
+    """Full (unsharded) model tensors of one step, in one process, with no process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+
+    from dtrain.checkpoint.dcp_io import FsspecReader
+
+    state: dict[str, Any] = {}
+    dcp.load(state, storage_reader=FsspecReader(storage.url(step), **storage.options),
+             planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    return state["model"]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    root, step = _split_step(args.uri)
+    if step is None:
+        raise SystemExit("dtrain ckpt export: give the URI of one step folder (…/step_XXXXXXXX)")
+    storage = Storage(root, _options(args.option))
+    manifest = read_manifest(storage, step)
+    problems = verify_files(storage, step, manifest.files, checksums=True)
+    if problems:
+        print(f"refusing to export {storage.url(step)}: " + "; ".join(problems), file=sys.stderr)
+        return EXIT_BAD
+    weights = {k: v.detach().contiguous().clone() for k, v in load_model_weights(storage, step).items()
+               if isinstance(v, torch.Tensor)}
+    fmt = args.format or ("safetensors" if args.out.endswith(".safetensors") else "torch")
+    metadata = {"dtrain_step": str(manifest.step), "dtrain_config_hash": manifest.config_hash}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(weights, args.out, metadata=metadata)
+    else:
+        torch.save({"model": weights, "metadata": metadata}, args.out)
+    total = sum(t.numel() for t in weights.values())
+    print(f"exported {len(weights)} tensors ({total / 1e6:.2f}M parameters) of step {manifest.step} to {args.out} "
+          f"({fmt})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtrain ckpt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("uri")
+        p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000")
+        return p
+
+    add("ls", "list steps and whether each is committed").set_defaults(fn=cmd_ls)
+    verify = add("verify", "check sizes and SHA-256 of one step or all steps")
+    verify.add_argument("--sizes-only", action="store_true", help="skip checksums (fast)")
+    verify.set_defaults(fn=cmd_verify)
+    inspect = add("inspect", "manifest, files, data position; config diff against overrides")
+    inspect.add_argument("overrides", nargs="*", default=None,
+                         help="hydra overrides of the config to compare with (e.g. model=gpt_small)")
+    inspect.set_defaults(fn=cmd_inspect)
+    export = add("export", "write the model weights of one step as one consolidated file")
+    export.add_argument("out", help="output file (.safetensors or .pt)")
+    export.add_argument("--format", choices=("safetensors", "torch"), default=None)
+    export.set_defaults(fn=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    if getattr(args, "overrides", None) == []:
+        args.overrides = None
+    try:
+        return args.fn(args)
+    except (StorageError, ManifestError) as e:
+        print(f"dtrain ckpt: {e}", file=sys.stderr)
+        return EXIT_BAD
+    except FileNotFoundError as e:
+        print(f"dtrain ckpt: not found: {e}", file=sys.stderr)
+        return EXIT_BAD

@@ -1,0 +1,54 @@
+"""Preemption: a signal only sets a flag; ranks agree at the next step boundary, save, commit, exit.
+
+Doing the save inside the handler would run DCP collectives from a signal context on one rank while
+the others are mid-step; agreeing first (one small all-reduce per step) keeps every rank in lockstep.
+Exit code ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "try again") tells Slurm / Kubernetes to requeue.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from types import FrameType
+
+from dtrain.distributed import collectives
+
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """Raised by the loop after the preemption checkpoint is committed."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"preempted by {signal_name} at step {step}; checkpoint committed")
+        self.step, self.signal_name = step, signal_name
+
+
+class PreemptionWatcher:
+    def __init__(self, signal_names: list[str]):
+        self.received: int | None = None
+        self.received_at: float | None = None
+        self._previous: dict[int, object] = {}
+        for name in signal_names:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received, self.received_at = signum, time.monotonic()
+            os.write(2, f"dtrain: received {signal.Signals(signum).name}; will checkpoint at the next step "
+                        "boundary and exit\n".encode())
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a peer rank's signal"
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank has received a preemption signal (collective call)."""
+        return collectives.any_rank(self.received is not None)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
