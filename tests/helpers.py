@@ -23,10 +23,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
+def subprocess_env(**extra: str | None) -> dict[str, str]:
+    """This process's environment minus launcher variables, plus ``extra`` (a None value removes a variable)."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 

@@ -112,14 +112,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def load_model_weights(storage: Storage, step: str) -> dict[str, Any]:
     """Full (unsharded) model tensors of one step, in one process, with no process group."""
+    import torch
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from dtrain.checkpoint.dcp_io import FsspecReader
 
-    state: dict[str, Any] = {}
-    dcp.load(state, storage_reader=FsspecReader(storage.url(step), **storage.options),
-             planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    metadata = FsspecReader(storage.url(step), **storage.options).read_metadata()
+    weights = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in metadata.state_dict_metadata.items()
+               if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    state = {"model": weights}
+    dcp.load(state, storage_reader=FsspecReader(storage.url(step), **storage.options), no_dist=True)
     return state["model"]
 
 

@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 
+from dtrain.checkpoint import failpoints
+
 __all__ = ["FileRecord", "HashingFsspecWriter", "FsspecReader", "sha256_of_stream"]
 
 FileRecord = dict[str, Any]  # {"path": relative name, "size": bytes, "sha256": hex}
@@ -27,6 +29,7 @@ class _HashingStream(io.RawIOBase):
 
     def __init__(self, inner: Any):
         self.inner, self.digest, self.count = inner, hashlib.sha256(), 0
+        self.kill_after = 2**20 if failpoints.active("mid_shard") else None  # fault tests only
 
     def writable(self) -> bool:
         return True
@@ -37,6 +40,9 @@ class _HashingStream(io.RawIOBase):
         written = len(view) if written is None else written
         self.digest.update(view[:written])
         self.count += written
+        if self.kill_after is not None and self.count >= self.kill_after:
+            self.inner.flush()
+            failpoints.failpoint("mid_shard")
         return written
 
     def tell(self) -> int:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
+from dtrain.checkpoint import failpoints
 from dtrain.checkpoint.dcp_io import FileRecord, FsspecReader, HashingFsspecWriter, sha256_of_stream
 from dtrain.checkpoint.manifest import (MANIFEST, Manifest, ManifestError, parse_step, read_manifest, step_dir,
                                         verify_files)
@@ -119,13 +120,16 @@ class CheckpointManager:
         start = time.perf_counter()
         self.wait()
         name = step_dir(step)
-        if self.storage.exists(posixpath.join(name, MANIFEST)):
+        # rank 0 commits, so only rank 0 knows for sure; everyone follows its answer
+        committed = self.storage.exists(posixpath.join(name, MANIFEST)) if self.env.is_rank_zero else None
+        if collectives.broadcast_object(committed):
             log.info("step %d is already committed at %s; not saving it again", step, self.storage.url(name))
             return time.perf_counter() - start
         if self.env.is_rank_zero and self.storage.exists(name):
             log.info("removing debris of an interrupted save at %s before saving again", self.storage.url(name))
             self.storage.remove(name, recursive=True)
         collectives.barrier()  # nobody writes into the folder while it is being cleared
+        failpoints.saving_step = step
         own_files = self._write_small_files(name, extras)
         writer = HashingFsspecWriter(self.storage.url(name), self.storage.options,
                                      sync_files=self.storage.protocol in ("file", "local"))
@@ -192,6 +196,7 @@ class CheckpointManager:
         records.update(own_files)
         sidecar = posixpath.join(name, SIDECARS, f"rank_{self.env.rank:05d}.json")
         self.storage.write_bytes(sidecar, json.dumps(sorted(records.values(), key=lambda r: r["path"])).encode())
+        failpoints.failpoint("after_shards", step)
         if self.env.is_rank_zero:
             files = self._gather_sidecars(name)
             seconds = time.perf_counter() - start
@@ -247,6 +252,7 @@ class CheckpointManager:
             if step in committed:
                 self.storage.remove(posixpath.join(folder, MANIFEST))
                 log.info("retention: removing committed step %d (keep_last=%d)", step, self.cfg.keep_last)
+                failpoints.failpoint("mid_retention", newest)
             else:
                 log.info("retention: removing debris of an interrupted save at step %d", step)
             self.storage.remove(folder, recursive=True)
