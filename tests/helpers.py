@@ -40,19 +40,11 @@ def run_cmd(args: list[str], timeout: float = 240, env: dict[str, str] | None = 
     """Run a command in its own process group; on timeout kill the whole group (workers too) and fail."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env or subprocess_env(), cwd=cwd or REPO, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(args)}\n{out[-3000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return finish(proc, timeout)
 
 
-def torchrun(nproc: int, overrides: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=test", "-m", "dtrain", *overrides]
-    return run_cmd(args, timeout=timeout, env=subprocess_env(**env))
+def torchrun(nproc: int, overrides: list[str], timeout: float = 240, **env: str | None) -> subprocess.CompletedProcess:
+    return run_cmd(torchrun_args(nproc, overrides), timeout=timeout, env=subprocess_env(**env))
 
 
 def dtrain_single(overrides: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
@@ -101,3 +93,46 @@ def spawn_workers(fn, world_size: int, *args, timeout: float = 180) -> None:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
+
+
+def torchrun_args(nproc: int, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=test", "-m", "dtrain", *overrides]
+
+
+def start(args: list[str], **env: str | None) -> subprocess.Popen:
+    """Start a command in its own session (so the test can signal or kill the whole tree)."""
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(**env), cwd=REPO, start_new_session=True)
+
+
+def wait_for_rows(run_dir: Path, rows: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until ``metrics.jsonl`` has ``rows`` lines; fail if the process ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while not (path.exists() and len(path.read_text().splitlines()) >= rows):
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process ended (rc={proc.returncode}) before {rows} metric rows:\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no {rows} metric rows within {timeout}s")
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"did not exit within {timeout}s\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def worker_pids(agent_pid: int) -> list[int]:
+    """The torchrun agent's worker processes, in start order."""
+    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
+    return sorted(int(pid) for pid in children)

@@ -29,7 +29,7 @@ class _HashingStream(io.RawIOBase):
 
     def __init__(self, inner: Any):
         self.inner, self.digest, self.count = inner, hashlib.sha256(), 0
-        self.kill_after = 2**20 if failpoints.active("mid_shard") else None  # fault tests only
+        self.kill_after = 2**16 if failpoints.active("mid_shard") else None  # fault tests only
 
     def writable(self) -> bool:
         return True

@@ -2,7 +2,7 @@
 
 ``DTRAIN_FAILPOINT=<name>[@<rank>|@*][#<step>]``, e.g. ``after_shards@0#20`` kills rank 0 right after
 its shards of step 20 are written and before the manifest. Unset (always, outside tests) a failpoint
-costs one comparison. Names: ``mid_shard`` (half-way through a shard file), ``after_shards`` (all data
+costs one comparison. Names: ``mid_shard`` (64 KiB into a shard file), ``after_shards`` (all data
 written, manifest not yet), ``mid_retention`` (an old step's manifest deleted, its files not yet).
 """
 
