@@ -109,6 +109,16 @@ class CheckpointManager:
         self._pending_step: int | None = None
         # a group of its own: background DCP collectives must not interleave with training's on gloo
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() and self._executor else None
+        # one stager for the whole run keeps its host copy of the state between saves: after the first save
+        # the loop waits for a memcpy only, not for allocating (and faulting in) a fresh copy each time
+        self._stager = None
+        if self._executor is not None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            on_gpu = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=on_gpu,
+                                                        use_shared_memory=self.async_mode == "process",
+                                                        use_async_staging=False, use_non_blocking_copy=False))
         self.last_save_seconds: float | None = None
 
     # -- saving ----------------------------------------------------------------------------------------
@@ -132,13 +142,15 @@ class CheckpointManager:
         failpoints.saving_step = step
         own_files = self._write_small_files(name, extras)
         writer = HashingFsspecWriter(self.storage.url(name), self.storage.options,
-                                     sync_files=self.storage.protocol in ("file", "local"))
+                                     sync_files=self.storage.protocol in ("file", "local"),
+                                     thread_count=self.cfg.write_threads)
         if self._executor is not None and not blocking:
             from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
             kind = AsyncCheckpointerType.PROCESS if self.async_mode == "process" else AsyncCheckpointerType.THREAD
             response = dcp.async_save(state, storage_writer=writer, process_group=self._group,
-                                      async_checkpointer_type=kind)
+                                      async_checkpointer_type=kind, async_stager=self._stager,
+                                      no_dist=not dist.is_initialized())
             upload = response if isinstance(response, Future) else response.upload_completion
             self._pending = self._executor.submit(self._complete, name, step, writer, own_files, upload, start)
             self._pending_step = step
@@ -171,6 +183,9 @@ class CheckpointManager:
         self.wait()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def _write_small_files(self, name: str, extras: dict[str, Any]) -> dict[str, FileRecord]:
         """RNG of this rank; on rank 0 also the trainer state and the (redacted) resolved config."""

@@ -124,6 +124,7 @@ class CheckpointConfig:
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     grace_period_s: float = 30.0  # time between the signal and SIGKILL (torchrun, K8s and Slurm defaults: 30 s)
     commit_timeout_s: float = 600.0
+    write_threads: int = 4  # files per rank written (and hashed) in parallel
 
 
 @dataclass

@@ -122,6 +122,8 @@ def check_checkpoint(cfg: DictConfig, world_size: int) -> list[str]:
     for name in c.preemption_signals:
         if not isinstance(name, str) or not name.startswith("SIG") or not hasattr(signal, name):
             problems.append(f"checkpoint.preemption_signals has {name!r}, not a signal name (e.g. SIGTERM, SIGUSR1)")
+    if c.write_threads < 1:
+        problems.append(f"checkpoint.write_threads={c.write_threads} must be >= 1")
     if c.grace_period_s <= 0:
         problems.append(f"checkpoint.grace_period_s={c.grace_period_s} must be positive")
     return problems

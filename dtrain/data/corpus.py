@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -25,24 +27,46 @@ def stdlib_source_files(root: Path | None = None) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(base).as_posix())
 
 
-@functools.lru_cache(maxsize=2)  # train and val splits share one read
-def read_corpus(max_bytes: int | None = None, root: Path | None = None) -> tuple[np.ndarray, str]:
-    """All bytes (capped at ``max_bytes``) and a fingerprint of exactly what was read."""
+def _read_files(max_bytes: int | None, root: Path | None) -> bytes:
     chunks: list[bytes] = []
     total = 0
-    digest = hashlib.sha256()
     for path in stdlib_source_files(root):
         data = path.read_bytes()
         if max_bytes is not None and total + len(data) > max_bytes:
             data = data[: max_bytes - total]
         chunks.append(data)
-        digest.update(data)
         total += len(data)
         if max_bytes is not None and total >= max_bytes:
             break
     if total == 0:
         raise FileNotFoundError(f"no .py files found under {root or sysconfig.get_paths()['stdlib']}")
-    return np.frombuffer(b"".join(chunks), dtype=np.uint8), digest.hexdigest()[:16]
+    return b"".join(chunks)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DTRAIN_CACHE", Path.home() / ".cache" / "dtrain"))
+
+
+@functools.lru_cache(maxsize=2)  # train and val splits share one read
+def read_corpus(max_bytes: int | None = None, root: Path | None = None) -> tuple[np.ndarray, str]:
+    """All bytes (capped at ``max_bytes``) and a fingerprint of exactly what was read.
+
+    The concatenation is cached as one file (memory-mapped on later runs): walking ~1,800 files costs
+    seconds on a busy node at every start, and a restart after preemption should be quick. The cache key
+    covers the Python build, the stdlib folder and the cap; writes are atomic, so concurrent ranks are safe.
+    """
+    base = str(root or sysconfig.get_paths()["stdlib"])
+    key = hashlib.sha256(f"{sys.version}|{base}|{os.stat(base).st_mtime_ns}|{max_bytes}".encode()).hexdigest()
+    path = cache_dir() / f"stdlib-corpus-{key[:16]}.bin"
+    if not path.exists():
+        data = _read_files(max_bytes, root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    tokens = np.memmap(path, dtype=np.uint8, mode="r")
+    digest = hashlib.sha256(tokens).hexdigest()[:16]
+    return tokens, digest
 
 
 class StdlibCorpus(TokenWindows):
