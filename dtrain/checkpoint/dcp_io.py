@@ -82,7 +82,13 @@ class _HashingFileSystem(FileSystem):
             self.records[name] = {"path": name, "size": hashing.count, "sha256": hashing.digest.hexdigest()}
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
-        super().rename(path, new_path)
+        """DCP renames ``.metadata.tmp`` into place. Object stores have no rename: copy + delete directly
+        rather than let the backend try a server-side move first (gcsfs logs a traceback when it fails)."""
+        if "file" in self.fs.protocol or "local" in self.fs.protocol:
+            super().rename(path, new_path)
+        else:
+            self.fs.copy(os.fspath(path), os.fspath(new_path))
+            self.fs.rm(os.fspath(path))
         with self._lock:
             old, new = posixpath.basename(os.fspath(path)), posixpath.basename(os.fspath(new_path))
             if old in self.records:

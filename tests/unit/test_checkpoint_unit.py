@@ -56,9 +56,14 @@ def test_verification_finds_truncation_and_flipped_bytes(tmp_path):
     assert "missing" in verify_files(storage, "step_00000001", [entry], checksums=False)[0]
 
 
-def test_storage_errors_say_what_to_install_or_fix(tmp_path):
+def test_storage_errors_say_what_to_install_or_fix(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as on a machine without the gcs extra
     with pytest.raises(StorageError, match=r"pip install 'dtrain\[gcs\]'"):
         Storage("gs://bucket/run")
+    with pytest.raises(StorageError, match="install the fsspec backend for hdfs://"):
+        Storage("hdfs://namenode/run")
     with pytest.raises(StorageError, match="Protocol not known"):
         Storage("nosuchscheme://x")
     blocker = tmp_path / "file"
