@@ -19,7 +19,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecRe
 
 from dtrain.checkpoint import failpoints
 
-__all__ = ["FileRecord", "HashingFsspecWriter", "FsspecReader", "sha256_of_stream"]
+__all__ = ["FileRecord", "HashingFsspecWriter", "FsspecReader", "sha256_of_stream", "stop_checkpoint_process"]
 
 FileRecord = dict[str, Any]  # {"path": relative name, "size": bytes, "sha256": hex}
 
@@ -65,6 +65,18 @@ class _HashingFileSystem(FileSystem):
         super().__init__()
         self.fs = inner.fs
         self.records = records
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # async_mode=process pickles the writer into a child process: the lock cannot travel, and the
+        # records the child makes stay there (the parent then hashes the files by reading them back)
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        state["records"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     @contextmanager
@@ -115,3 +127,14 @@ def sha256_of_stream(stream: Any, chunk: int = 8 * 2**20) -> tuple[int, str]:
             return size, digest.hexdigest()
         digest.update(block)
         size += len(block)
+
+
+def stop_checkpoint_process() -> None:
+    """Stop DCP's background save process (``async_mode=process``) now, instead of at garbage collection,
+    which never comes when the launcher exits with ``os._exit``; the child would then die on a closed pipe."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    process = getattr(executor, "_CHECKPOINT_PROCESS", None)
+    if process is not None:
+        executor._CHECKPOINT_PROCESS = None
+        del process  # its __del__ sends TERMINATE and joins the child

@@ -29,7 +29,8 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
 from dtrain.checkpoint import failpoints
-from dtrain.checkpoint.dcp_io import FileRecord, FsspecReader, HashingFsspecWriter, sha256_of_stream
+from dtrain.checkpoint.dcp_io import (FileRecord, FsspecReader, HashingFsspecWriter, sha256_of_stream,
+                                     stop_checkpoint_process)
 from dtrain.checkpoint.manifest import (MANIFEST, Manifest, ManifestError, parse_step, read_manifest, step_dir,
                                         verify_files)
 from dtrain.checkpoint.storage import Storage, StorageError
@@ -186,6 +187,8 @@ class CheckpointManager:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+        if self.async_mode == "process":
+            stop_checkpoint_process()
 
     def _write_small_files(self, name: str, extras: dict[str, Any]) -> dict[str, FileRecord]:
         """RNG of this rank; on rank 0 also the trainer state and the (redacted) resolved config."""

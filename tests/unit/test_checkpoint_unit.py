@@ -151,3 +151,22 @@ def test_export_consolidates_weights(tmp_path):
     assert ckpt(["export", str(tmp_path / "checkpoints" / "step_00000002"), str(tmp_path / "m.pt")]) == 0
     saved = torch.load(tmp_path / "m.pt", weights_only=True)
     assert torch.equal(saved["model"]["wte.weight"], weights["wte.weight"])
+
+
+def test_warns_when_a_save_cannot_fit_the_grace_period(tmp_path, capsys):
+    assert _train(tmp_path, 2, ["checkpoint.grace_period_s=0.0001"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "grace_period_s" in line]
+    assert len(warnings) == 1 and "estimated from" in warnings[0]  # at start-up, from the probe's bandwidth
+
+
+def test_inspect_shows_the_config_diff(tmp_path, capsys):
+    from dtrain.checkpoint.cli import main as ckpt
+
+    assert _train(tmp_path, 2) == 0
+    step = str(tmp_path / "checkpoints" / "step_00000002")
+    assert ckpt(["inspect", step, "strategy=single", "model.n_layer=1", "model.d_model=32", "data.seq_len=16",
+                 "data.max_bytes=200000", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
+                 "optim.lr=0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2 | world size 1 | strategy single" in out and "global sample 8" in out
+    assert "optim.lr: 0.001 (checkpoint) -> 0.01" in out
