@@ -47,7 +47,8 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> float:
         if proc.poll() is not None:
             raise RuntimeError(f"job exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
         if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
             raise TimeoutError("benchmark step timed out")
         time.sleep(0.02)
     return time.monotonic()
@@ -84,8 +85,8 @@ def main() -> None:
         relaunched = time.monotonic()
         job = launch(run_dir, free_port())
         resumed = wait_for(lambda: any(r["step"] > saved_step for r in rows(run_dir)), job)
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+        job.send_signal(signal.SIGTERM)  # the workers checkpoint and exit; nothing is left running
+        job.wait(timeout=120)
 
     result = {"benchmark": "preempt_resume", "world_size": 2, "model": "gpt_tiny (CPU default)",
               "signal": "SIGTERM to the torchrun agent", "saved_step": saved_step,

@@ -84,6 +84,10 @@ def cmd_train(overrides: Sequence[str]) -> int:
     except ConfigError as e:
         return _report(e, env)
     device = pick_device(cfg.trainer.device, env)
+    if env.source == "torchrun":
+        from dtrain.distributed.watchdog import watch_parent
+
+        watch_parent()
     try:
         if cfg.strategy.name != "single":
             init_process_group(env, pick_backend(cfg.dist.backend, device), device, cfg.dist.timeout_s)

@@ -35,6 +35,28 @@ def subprocess_env(**extra: str | None) -> dict[str, str]:
     return env
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants: torchrun puts each worker in a session of its own,
+    so killing the agent's process group would leave the workers running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    todo, found = [pid], []
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    for victim in found:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_cmd(args: list[str], timeout: float = 240, env: dict[str, str] | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout kill the whole group (workers too) and fail."""
@@ -117,7 +139,7 @@ def wait_for_rows(run_dir: Path, rows: int, proc: subprocess.Popen, timeout: flo
             out, err = proc.communicate()
             pytest.fail(f"process ended (rc={proc.returncode}) before {rows} metric rows:\n{err[-3000:]}")
         if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             pytest.fail(f"no {rows} metric rows within {timeout}s")
         time.sleep(0.05)
 
@@ -126,7 +148,7 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.Completed
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"did not exit within {timeout}s\n{err[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

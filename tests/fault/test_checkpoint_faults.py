@@ -148,3 +148,21 @@ def test_resume_on_a_different_world_size(reference, tmp_path, world):
     assert sorted(got) == list(range(9, STEPS + 1))
     for step in range(9, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+def test_workers_of_a_killed_launcher_checkpoint_and_exit(tmp_path):
+    """SIGKILL to the torchrun agent (OOM killer, node agent): workers must not train on as orphans."""
+    import os
+
+    overrides = [*TINY, "checkpoint.interval_steps=0", "trainer.max_steps=100000", f"run.dir={tmp_path}"]
+    proc = start(torchrun_args(2, overrides))
+    wait_for_rows(tmp_path, 3, proc)
+    workers = worker_pids(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read().lower()
+              for pid in workers):
+        assert time.monotonic() < deadline, "orphaned workers still running 60 s after their launcher died"
+        time.sleep(0.2)
+    assert len(committed_steps(Storage(str(tmp_path / "checkpoints")))) == 1
