@@ -173,7 +173,7 @@ class Trainer:
             self.logger.close()
             self.checkpoints.close()
             if self.preemption is not None:
-                self.preemption.restore()
+                self.preemption.close()
         self.sample_text()
         return metrics
 

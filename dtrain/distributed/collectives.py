@@ -52,11 +52,6 @@ def all_reduce_max(value: torch.Tensor, group: dist.ProcessGroup | None = None) 
     return out
 
 
-def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
-    """True on every rank when it is true on at least one (used to agree on preemption)."""
-    return bool(all_reduce_max(torch.tensor([1 if flag else 0], dtype=torch.int32), group).item())
-
-
 def all_gather_object(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     if not _active(group):
         return [obj]

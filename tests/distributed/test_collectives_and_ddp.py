@@ -16,7 +16,6 @@ from tests.helpers import spawn_workers
 def test_collectives_are_noops_without_a_group():
     value = torch.tensor([3.0])
     assert collectives.all_reduce_mean(value).item() == 3.0
-    assert collectives.any_rank(True) and not collectives.any_rank(False)
     assert collectives.all_gather_object("x") == ["x"]
 
 
@@ -29,8 +28,7 @@ def test_collectives_refuse_to_silently_skip_when_a_group_is_expected(monkeypatc
 def _collectives_worker(rank: int, world: int) -> None:
     assert collectives.all_reduce_mean(torch.tensor([float(rank)])).item() == pytest.approx(0.5)
     assert collectives.all_reduce_sum(torch.tensor([1.0])).item() == world
-    assert collectives.any_rank(rank == 1) is True
-    assert collectives.any_rank(False) is False
+    assert collectives.all_reduce_max(torch.tensor([rank])).item() == 1
     assert collectives.all_gather_object(rank * 10) == [0, 10]
     assert collectives.broadcast_object({"r": rank}) == {"r": 0}
 
