@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from dtrain.checkpoint.manifest import MANIFEST, ManifestError, parse_step, read_manifest, verify_files
+from dtrain.checkpoint.manifest import ManifestError, parse_step, read_manifest, verify_files
 from dtrain.checkpoint.storage import Storage, StorageError
 
 EXIT_BAD = 1

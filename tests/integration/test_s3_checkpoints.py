@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from dtrain.checkpoint.cli import main as ckpt
 from dtrain.checkpoint.manifest import read_manifest, verify_files

@@ -11,7 +11,6 @@ import torch
 from dtrain.checkpoint.manifest import Manifest, ManifestError, check_relative_path, read_manifest, verify_files
 from dtrain.checkpoint.storage import Storage, StorageError, redact
 from dtrain.config.compose import redact_override, redacted_yaml
-from dtrain.config.errors import ConfigError
 from dtrain.config.validate import load_config
 
 

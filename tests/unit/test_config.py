@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
 
 from dtrain.config.compose import compose_config, config_hash, diff_keys, group_options
 from dtrain.config.errors import ConfigError
@@ -88,7 +87,8 @@ def test_user_model_and_dataset_plug_in_by_target(tmp_path):
     run_dir = tmp_path / "run"
     code = run([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=bigram", "data=counting",
                 "strategy=single", "trainer.max_steps=30", "trainer.eval_every=10", "trainer.log_every=10",
-                "optim.lr=0.3", "optim.warmup_steps=0", "optim.schedule=constant", "optim.weight_decay=0", "logging.progress=off", f"run.dir={run_dir}"])
+                "optim.lr=0.3", "optim.warmup_steps=0", "optim.schedule=constant", "optim.weight_decay=0",
+                "logging.progress=off", f"run.dir={run_dir}"])
     assert code == 0
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [10, 20, 30]

@@ -35,10 +35,11 @@ def test_memmap_tokens_read_the_nanogpt_layout(tmp_path):
     ids = np.arange(10_000, dtype=np.uint16)
     ids.tofile(tmp_path / "train.bin")
     ids[:500].tofile(tmp_path / "val.bin")
-    train = MemmapTokens("train", seq_len=16, train_path=str(tmp_path / "train.bin"), val_path=str(tmp_path / "val.bin"))
+    paths = {"train_path": str(tmp_path / "train.bin"), "val_path": str(tmp_path / "val.bin")}
+    train = MemmapTokens("train", seq_len=16, **paths)
     assert len(train) == (10_000 - 1) // 16
     assert train[2].tolist() == list(range(32, 49))
-    val = MemmapTokens("val", seq_len=16, train_path=str(tmp_path / "train.bin"), val_path=str(tmp_path / "val.bin"))
+    val = MemmapTokens("val", seq_len=16, **paths)
     assert len(val) == (500 - 1) // 16
 
 
