@@ -42,12 +42,13 @@ def resolve_degrees(world_size: int, degrees: dict[str, int]) -> tuple[dict[str,
                       f"give all but one a number"]
     fixed = {d: v for d, v in degrees.items() if v != -1}
     fixed_product = _product(list(fixed.values()))
-    shown = " x ".join(f"{d}={v}" for d, v in fixed.items() if v != 1) or "1"
+    factors = [f"{DEGREE_KEYS[d]}={v}" for d, v in fixed.items() if v != 1]
+    shown = " x ".join(factors) + (f" = {fixed_product}" if len(factors) > 1 else "")
     if open_dims:
         if world_size % fixed_product:
-            return None, [f"world size {world_size} is not divisible by {shown} = {fixed_product} (the degrees "
-                          f"other than {DEGREE_KEYS[open_dims[0]]}=-1); launch a multiple of {fixed_product} "
-                          f"ranks or change the degrees"]
+            return None, [f"world size {world_size} is not divisible by {shown} (the degrees other than "
+                          f"{DEGREE_KEYS[open_dims[0]]}=-1); launch a multiple of {fixed_product} ranks or "
+                          f"change the degrees"]
         resolved = dict(degrees)
         resolved[open_dims[0]] = world_size // fixed_product
         return resolved, []

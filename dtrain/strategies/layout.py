@@ -60,3 +60,16 @@ def common_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"strategy.activation_checkpointing={cfg.activation_checkpointing} is not one of: "
                         f"{', '.join(AC_MODES)}")
     return problems
+
+
+def parallel_dims(name: str, cfg: DictConfig, world_size: int) -> ParallelDims | None:
+    """The degrees of any native strategy (``single`` and ``ddp`` included), None if not a mesh strategy
+    or the degrees do not fit."""
+    if name == "single":
+        return ParallelDims()
+    if name == "ddp":
+        return ParallelDims(dp_replicate=world_size)
+    if name not in USED_DEGREES:
+        return None
+    dims, problems = resolve_layout(name, cfg, world_size)
+    return None if problems else dims
