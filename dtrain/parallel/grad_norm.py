@@ -1,6 +1,7 @@
 """The global gradient norm over every shard of every stage with one all-reduce, and clipping by it.
 
-A rank's gradients are plain tensors or DTensors sharded and/or replicated over parts of the mesh.
+A rank's gradients are plain tensors or DTensors sharded and/or replicated over parts of the mesh
+(pending ``Partial`` sums are reduced first, see :func:`reduce_partial_grads`).
 Each rank adds the squares of its local pieces, weighting a piece by 1/(number of ranks holding the
 same piece): a DTensor's piece is repeated over the mesh dimensions where it is ``Replicate``; a plain
 tensor over every rank of its stage (``plain_replicas``). One all-reduce over the world then sums each
@@ -19,7 +20,7 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 
 def _replicas(grad: torch.Tensor, plain_replicas: int) -> int:
@@ -31,6 +32,18 @@ def _replicas(grad: torch.Tensor, plain_replicas: int) -> int:
 
 def _local(grad: torch.Tensor) -> torch.Tensor:
     return grad.to_local() if isinstance(grad, DTensor) else grad
+
+
+def reduce_partial_grads(params: Iterable[torch.Tensor]) -> None:
+    """Finish gradients DTensor left as pending sums: a replicated parameter used on sharded activations
+    (a sequence-parallel layer norm) gets a ``Partial`` gradient, one summand per rank. Reduce each once
+    per step, here, so the norm, the clipping and the optimizer all see the real gradient."""
+    for p in params:
+        grad = p.grad
+        if isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements):
+            target = p.placements if isinstance(p, DTensor) else tuple(
+                Replicate() if pl.is_partial() else pl for pl in grad.placements)
+            p.grad = grad.redistribute(grad.device_mesh, target)
 
 
 def global_grad_norm(params: Iterable[torch.Tensor], plain_replicas: int = 1,
@@ -54,6 +67,7 @@ def global_grad_norm(params: Iterable[torch.Tensor], plain_replicas: int = 1,
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, plain_replicas: int = 1) -> torch.Tensor:
     """Scale gradients so their global norm is at most ``max_norm`` (<= 0: no clipping) with the same
     coefficient as ``torch.nn.utils.clip_grad_norm_``; return the norm before clipping."""
+    reduce_partial_grads(params)
     total = global_grad_norm(params, plain_replicas)
     if max_norm > 0:
         coef = min(1.0, float(max_norm / (total + 1e-6)))

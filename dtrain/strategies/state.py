@@ -37,19 +37,36 @@ def missing_checkpoint_keys(wanted: dict[str, Any], saved_keys: Iterable[str]) -
 
 
 def checkpoint_mismatch(wanted: dict[str, Any], saved_keys: Iterable[str]) -> str | None:
-    """One line explaining why a checkpoint cannot load into this strategy's model, or None if it can.
-
-    The only layout differences DCP cannot reshard are different parameter sets: another model shape,
-    or tied vs untied embeddings (a tied model has no separate head weight or head optimizer state)."""
+    """One line explaining why a checkpoint cannot load into this strategy's state, or None if it can:
+    DCP reshards any layout of the same parameters, but cannot invent parameters the checkpoint lacks
+    (another depth or width). Pass ``dcp.FileSystemReader(path).read_metadata().state_dict_metadata``'s
+    keys. Run it on every rank: a pipeline rank only needs its own stages' entries."""
     missing = missing_checkpoint_keys(wanted, saved_keys)
     if not missing:
         return None
-    hint = ""
-    if any("lm_head.weight" in key for key in missing):
-        hint = ("; the checkpoint was probably saved with model.tie_embeddings=true (one embedding/head weight), "
-                "this run unties them")
     shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-    return f"the checkpoint lacks {len(missing)} entries this model needs ({shown}){hint}"
+    return (f"the checkpoint lacks {len(missing)} entries this run needs ({shown}): it was written for a "
+            "different model; resume with the model config it was saved with")
+
+
+# model settings that may change on resume: they do not change which parameters exist or what they mean
+_RESUMABLE_MODEL_CHANGES = ("dropout",)
+
+
+def model_change_problems(saved_model: Any, model: Any) -> list[str]:
+    """Why a checkpoint of model config ``saved_model`` cannot resume ``model`` (both ``cfg.model``).
+
+    Strategies and world sizes may change freely; the model may not. Some changes would even load
+    without an error and be wrong: an untied checkpoint loaded into a tied model writes the embedding
+    and the head into one shared weight, and only one of them survives. So any architecture change is
+    refused before training."""
+    keys = sorted(set(saved_model.keys()) | set(model.keys()))
+    changed = [f"model.{k}={saved_model.get(k)} (now {model.get(k)})" for k in keys
+               if k not in _RESUMABLE_MODEL_CHANGES and saved_model.get(k) != model.get(k)]
+    if not changed:
+        return []
+    return [f"the checkpoint was written for another model: {', '.join(changed)}; a checkpoint resumes under "
+            "any strategy and world size, but only with the model settings it was saved with"]
 
 
 def _flat_keys(node: Any, prefix: str = "") -> list[str]:
