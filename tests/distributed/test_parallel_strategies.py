@@ -66,6 +66,10 @@ CHAIN_FOUR = [["strategy=hsdp", *UNTIED], ["strategy=fsdp_tp", *UNTIED, *BIG_MIC
               ["strategy=3d", "strategy.dp_shard=1", *UNTIED, *BIG_MICRO], ["strategy=fsdp", *UNTIED]]
 # the fsdp@4 checkpoint at the end of CHAIN_FOUR, continued at 2 ranks
 FROM_FOUR = [["strategy=fsdp", *UNTIED], ["strategy=tp", *UNTIED, *BIG_MICRO], ["strategy=pp", *UNTIED]]
+# memory estimate (the dry run's plan on a meta model) against what ranks allocate
+MEMORY = [["strategy=fsdp"], ["strategy=fsdp", "strategy.activation_checkpointing=full"], ["strategy=tp"],
+          ["strategy=tp", "strategy.sequence_parallel=false"], ["strategy=pp", *UNTIED]]
+STATE_RTOL, ACTIVATION_RTOL = 0.01, 0.05
 
 
 def label(overrides: list[str]) -> str:
@@ -126,6 +130,90 @@ def assert_calls(counter, kind: str, expected: int) -> None:
                                             f"{dict(counter.calls)}"
 
 
+# --- memory -----------------------------------------------------------------------------------
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a DTensor's local shard): what is allocated."""
+    storages = {}
+    for t in tensors:
+        if t is not None:
+            storage = _local(t).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def measured_memory(strategy) -> dict[str, int]:
+    """Parameters, gradients (just before the optimizer step) and AdamW state actually allocated on this
+    rank; activations as the storages autograd saves for one micro-batch (parameters and their views
+    excluded), for strategies that expose one model."""
+    from torch import nn
+
+    from dtrain.strategies.native import token_loss
+
+    params = [p for group in strategy.optimizer.param_groups for p in group["params"]]
+    measured: dict[str, int] = {}
+    hook = strategy.optimizer.register_step_pre_hook(
+        lambda *_: measured.__setitem__("grads", storage_bytes(p.grad for p in params)))
+    step(strategy, batches(1)[0])
+    hook.remove()
+    measured["params"] = storage_bytes(params)
+    measured["optimizer"] = storage_bytes(v for state in strategy.optimizer.state.values()
+                                          for k, v in state.items() if k != "step")
+    if getattr(strategy, "model", None) is not None:
+        saved = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            base = t._base if t._base is not None else t
+            if not isinstance(base, nn.Parameter) and not (base.is_leaf and base.requires_grad):
+                saved[_local(t).untyped_storage().data_ptr()] = _local(t).untyped_storage().nbytes()
+            return t
+
+        micro = batches(1)[0][:strategy.spec.micro_batch_size]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            token_loss(strategy.model(micro[:, :-1]), micro[:, 1:])
+        strategy.optimizer.zero_grad(set_to_none=True)
+        measured["activations"] = sum(saved.values())
+    return measured
+
+
+def assert_memory_close(measured: dict[str, int], estimate, what: str) -> None:
+    for key in ("params", "grads", "optimizer"):
+        assert abs(measured[key] - getattr(estimate, key)) <= STATE_RTOL * getattr(estimate, key), \
+            f"{what}: {key} measured {measured[key]} vs estimated {getattr(estimate, key)}"
+    if "activations" in measured:
+        assert abs(measured["activations"] - estimate.activations) <= ACTIVATION_RTOL * measured["activations"], \
+            f"{what}: activations measured {measured['activations']} vs estimated {estimate.activations}"
+
+
+def plan_estimates(world: int) -> dict[str, list]:
+    """What ``dtrain plan`` predicts for every rank of each MEMORY case (meta model, fake process group;
+    activations without the checkpointing recompute, which a forward-only measurement cannot see)."""
+    from dataclasses import replace
+
+    from dtrain.dryrun import _params, _rank_modules
+    from dtrain.parallel.memory import activation_bytes, activation_shape, estimate_rank_memory, local_numel_and_bytes
+    from dtrain.strategies.layout import parallel_dims
+
+    out = {}
+    for overrides in MEMORY:
+        cfg = load_config(BASE + overrides, world)
+        dims = parallel_dims(cfg.strategy.name, cfg.strategy, world)
+        estimates = []
+        for rank in range(world):
+            _, nbytes = local_numel_and_bytes(p for _, p in _params(_rank_modules(cfg, dims, rank)))
+            estimate = estimate_rank_memory(cfg, dims, rank, nbytes)
+            forward_only = activation_bytes(activation_shape(cfg, dims, rank), include_recompute=False)
+            estimates.append(replace(estimate, activations=forward_only))
+        out[label(overrides)] = estimates
+    return out
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 def save_and_expect(overrides: list[str], world: int, path: str) -> list[tuple[float, float]]:
@@ -177,7 +265,7 @@ def _four_rank_worker(rank: int, world: int, refs: dict, root: str, out: str) ->
         torch.save({"results": results, "expected": expected}, out)
 
 
-def _two_rank_worker(rank: int, world: int, refs: dict, root: str, from_four: dict, out: str) -> None:
+def _two_rank_worker(rank: int, world: int, refs: dict, root: str, from_four: dict, plans: dict, out: str) -> None:
     from dtrain.metrics.comm import CommCounter
 
     results: dict[str, str | None] = {}
@@ -204,6 +292,13 @@ def _two_rank_worker(rank: int, world: int, refs: dict, root: str, from_four: di
             step(strategy, data[1])
         strategy.teardown()
         results[f"{label(overrides)} syncs once"] = outcome(lambda: assert_calls(counter, kind, expected))
+
+    for overrides in MEMORY:
+        strategy = make(overrides, world)
+        measured = measured_memory(strategy)
+        strategy.teardown()
+        what = f"memory {label(overrides)} @{world}"
+        results[what] = outcome(lambda: assert_memory_close(measured, plans[label(overrides)][rank], what))
 
     run_chain(CHAIN_TWO, world, root, results)
     for overrides in FROM_FOUR:
@@ -238,7 +333,8 @@ def four_ranks(references, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def two_ranks(references, four_ranks, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("two")
-    spawn_workers(_two_rank_worker, 2, references, str(root), four_ranks, str(root / "out.pt"), timeout=600)
+    spawn_workers(_two_rank_worker, 2, references, str(root), four_ranks, plan_estimates(2), str(root / "out.pt"),
+                  timeout=600)
     return torch.load(root / "out.pt")
 
 
@@ -250,6 +346,13 @@ def test_four_ranks_match_one_process_for_20_steps(four_ranks, case):
 @pytest.mark.parametrize("case", [f"{label(o)} @2" for o, _ in TWO_RANKS]
                          + ["fsdp param_dtype=bf16 @2", "pp precision=bf16 @2"])
 def test_two_ranks_match_one_process_for_20_steps(two_ranks, case):
+    assert two_ranks[case] is None, two_ranks[case]
+
+
+@pytest.mark.parametrize("case", [f"memory {label(o)} @2" for o in MEMORY])
+def test_memory_estimate_matches_what_ranks_allocate(two_ranks, case):
+    """Parameters, gradients and optimizer state within 1% of the dry run's plan, saved activations
+    within 5% of the estimate."""
     assert two_ranks[case] is None, two_ranks[case]
 
 
