@@ -3,9 +3,10 @@
 Works for every kind of caller: eager c10d calls (DDP, FSDP2, pipeline sends), and the functional
 collectives DTensor uses for tensor parallelism. Payload is the logical size per rank: the reduced
 tensor of an all-reduce, the gathered output of an all-gather, the input of a reduce-scatter, the
-tensor of a broadcast, send or receive. (A ring moves about ``2(n-1)/n`` of an all-reduce payload and
-``(n-1)/n`` of the others over each rank's link.) torch's own ``CommDebugMode`` trips over FSDP2's
-module hooks, hence this small counter.
+tensor of a broadcast, send or receive. ``wire_bytes`` estimates what crosses each rank's link with
+ring algorithms over a group of ``n``: ``2(n-1)/n`` of an all-reduce payload, ``(n-1)/n`` of an
+all-gather, reduce-scatter or all-to-all, all of a send, receive or broadcast. torch's own
+``CommDebugMode`` trips over FSDP2's module hooks, hence this small counter.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # op name (without overload) -> (kind, which argument carries the payload)
@@ -49,13 +51,39 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
+def _group_size(args: tuple) -> int:
+    """Size of the group a collective runs on: a boxed ProcessGroup (c10d ops) or a group name
+    (functional collectives, whose name is their last string argument)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    for arg in args:
+        if isinstance(arg, torch.ScriptObject):
+            try:
+                return dist.ProcessGroup.unbox(arg).size()
+            except (RuntimeError, TypeError):
+                continue
+    names = [a for a in args if isinstance(a, str)]
+    if names:
+        try:
+            return _resolve_process_group(names[-1]).size()
+        except (RuntimeError, ValueError):
+            pass
+    return 2
+
+
+_RING_SHARE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+               "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n}
+
+
 class CommCounter(TorchDispatchMode):
-    """``with CommCounter() as c: ...`` then ``c.calls`` and ``c.bytes``: dicts keyed by collective kind."""
+    """``with CommCounter() as c: ...`` then ``c.calls``, ``c.bytes`` (payload) and ``c.wire_bytes``
+    (ring estimate per rank): dicts keyed by collective kind."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: dict[str, int] = defaultdict(int)
         self.bytes: dict[str, int] = defaultdict(int)
+        self.wire_bytes: dict[str, float] = defaultdict(float)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -64,8 +92,11 @@ class CommCounter(TorchDispatchMode):
             kind, index = _COLLECTIVES[name]
             out = func(*args, **kwargs)
             payload = out if index == -1 else (args[index] if index < len(args) else None)
+            nbytes = _nbytes(payload)
             self.calls[kind] += 1
-            self.bytes[kind] += _nbytes(payload)
+            self.bytes[kind] += nbytes
+            share = _RING_SHARE.get(kind)
+            self.wire_bytes[kind] += nbytes * share(_group_size(args)) if share else nbytes
             return out
         return func(*args, **kwargs)
 
@@ -73,5 +104,10 @@ class CommCounter(TorchDispatchMode):
     def total_bytes(self) -> int:
         return sum(self.bytes.values())
 
+    @property
+    def total_wire_bytes(self) -> int:
+        return int(sum(self.wire_bytes.values()))
+
     def summary(self) -> dict[str, dict[str, int]]:
-        return {kind: {"calls": self.calls[kind], "bytes": self.bytes[kind]} for kind in sorted(self.calls)}
+        return {kind: {"calls": self.calls[kind], "bytes": self.bytes[kind], "wire_bytes": int(self.wire_bytes[kind])}
+                for kind in sorted(self.calls)}
