@@ -190,12 +190,11 @@ def main() -> None:
               f"{results[name]['comm_wire_bytes_per_rank_max'] / 2**20:.2f} MiB wire  "
               f"({time.monotonic() - start:.0f}s)", flush=True)
     base = results["ddp"]
+    compared = {"step_time": "step_time_s", "state_bytes": "state_bytes_per_rank_max",
+                "peak_rss_delta": "peak_rss_delta_bytes_per_rank_max", "comm_bytes_per_rank": "comm_bytes_per_rank_max",
+                "comm_wire_bytes_per_rank": "comm_wire_bytes_per_rank_max"}
     for r in results.values():
-        r["vs_ddp"] = {"step_time": r["step_time_s"] / base["step_time_s"],
-                       "state_bytes": r["state_bytes_per_rank_max"] / base["state_bytes_per_rank_max"],
-                       "peak_rss_delta": r["peak_rss_delta_bytes_per_rank_max"] / base["peak_rss_delta_bytes_per_rank_max"],
-                       "comm_bytes_per_rank": r["comm_bytes_per_rank_max"] / base["comm_bytes_per_rank_max"],
-                       "comm_wire_bytes_per_rank": r["comm_wire_bytes_per_rank_max"] / base["comm_wire_bytes_per_rank_max"]}
+        r["vs_ddp"] = {name: r[key] / base[key] for name, key in compared.items()}
     report = {"world_size": args.world, "global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH, "model": MODEL,
               "steps_timed": args.steps, "torch": torch.__version__, "machine": platform.machine(),
               "cpus": os.cpu_count(), "backend": "gloo", "strategies": results}

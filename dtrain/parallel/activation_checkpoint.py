@@ -9,7 +9,6 @@ torch.distributed.checkpoint and ``materialize`` both strip it, so checkpoints k
 
 from __future__ import annotations
 
-from functools import partial
 
 import torch
 from torch import nn

@@ -52,17 +52,17 @@ from dtrain.strategies.state import get_model_optim_state, set_model_optim_state
 
 
 def pipeline_shape(cfg: DictConfig, dims: ParallelDims) -> dict[str, int]:
-    """Stages, micro-batches per round and rounds per step, from the full config."""
+    """Stages and micro-batches (per step and per schedule round) of a known schedule, from the config."""
     t, s = cfg.trainer, cfg.strategy
-    schedule = canonical_schedule(s.pp_schedule) or s.pp_schedule
-    per_rank = stages_per_rank(schedule, s.pp_stages_per_rank) if canonical_schedule(s.pp_schedule) else 1
+    per_rank = stages_per_rank(canonical_schedule(s.pp_schedule), s.pp_stages_per_rank)
     accumulation = t.global_batch_size // (t.micro_batch_size * dims.dp)
     microbatches = accumulation if s.microbatches == -1 else s.microbatches
     return {"stages_per_rank": per_rank, "stages": dims.pp * per_rank, "accumulation": accumulation,
-            "microbatches": microbatches, "rounds": max(1, accumulation // max(1, microbatches))}
+            "microbatches": microbatches}
 
 
 def pipeline_problems(cfg: DictConfig, dims: ParallelDims) -> list[str]:
+    """Model, split, micro-batch and schedule problems of a pipeline config (schedule name already known)."""
     s, m, t = cfg.strategy, cfg.model, cfg.trainer
     shape = pipeline_shape(cfg, dims)
     problems = []
@@ -109,7 +109,8 @@ class PipelineStrategy:
         self.view: nn.Module | None = None
         self.schedule = None
         self._optimizer: torch.optim.Optimizer | None = None
-        self._accumulation = 1
+        self._accumulation = 1  # micro-batches in a rank's share of the step
+        self._microbatches = 1  # of which one schedule round pipelines this many
 
     @staticmethod
     def check_config(name: str, cfg: DictConfig, world_size: int) -> list[str]:
@@ -158,8 +159,8 @@ class PipelineStrategy:
                   for part, stage in zip(self.parts, self.stage_ids)]
         micro = self.spec.micro_batch_size
         self._accumulation = self.spec.global_batch_size // (micro * self.dims.dp)
-        microbatches = self._accumulation if self.cfg.microbatches == -1 else self.cfg.microbatches
-        self.schedule = build_schedule(self.schedule_name, stages, microbatches, self._scaled_loss)
+        self._microbatches = self._accumulation if self.cfg.microbatches == -1 else self.cfg.microbatches
+        self.schedule = build_schedule(self.schedule_name, stages, self._microbatches, self._scaled_loss)
 
     def _scaled_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # each micro-batch's share of the step's mean loss, so gradients need no rescaling afterwards
@@ -176,7 +177,7 @@ class PipelineStrategy:
             part.train()
         batch = batch.to(self.device, non_blocking=True)
         loss = torch.zeros((), device=self.device)
-        for round_batch in batch.chunk(self._accumulation // self.schedule._n_microbatches):
+        for round_batch in batch.chunk(self._accumulation // self._microbatches):
             inputs, targets = round_batch[:, :-1], round_batch[:, 1:]
             losses: list[torch.Tensor] = []
             args = (inputs,) if self.has_first else ()

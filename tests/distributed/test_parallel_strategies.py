@@ -44,8 +44,8 @@ TWO_RANKS = [
     (["strategy=fsdp", "strategy.activation_checkpointing=selective", "strategy.reshard_after_forward=false"], "tied"),
     (["strategy=tp", *BIG_MICRO], "tied"),
     (["strategy=tp", "strategy.sequence_parallel=false", *UNTIED, *ONE_MICRO], "untied"),
-    *[(["strategy=pp", f"strategy.pp_schedule={s}", *UNTIED], "untied")
-      for s in ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")],
+    *[(["strategy=pp", f"strategy.pp_schedule={s}", *UNTIED], "untied") for s in
+      ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")],
     (["strategy=pp", "strategy.pp_schedule=GPipe", "strategy.microbatches=2", "strategy.activation_checkpointing=full",
       *UNTIED], "untied"),
     (["strategy=pp", "strategy.pp_layers_per_stage=[1,3]", *UNTIED], "untied"),
