@@ -20,6 +20,7 @@ from dtrain.logs import setup_logging
 
 USAGE = """usage: dtrain [hydra overrides...]            train (e.g. dtrain model=gpt_tiny trainer.max_steps=50)
        dtrain validate [hydra overrides...]   check a config without training
+       dtrain plan --world-size N [--rank R] [overrides...]   mesh, shards and memory of N ranks, in one process
        dtrain ckpt ls|verify|inspect|export   look at checkpoints (dtrain ckpt --help)
        torchrun --nproc-per-node=N -m dtrain [overrides...]
 
@@ -117,6 +118,10 @@ def run(argv: Sequence[str]) -> int:
         from dtrain.checkpoint.cli import main as ckpt_main
 
         return ckpt_main(argv[1:])
+    if argv and argv[0] == "plan":
+        from dtrain.dryrun import cmd_plan
+
+        return cmd_plan(argv[1:])
     return cmd_train(argv)
 
 

@@ -25,6 +25,7 @@ from dtrain.metrics.throughput import peak_memory_bytes, step_throughput
 from dtrain.models import build_model
 from dtrain.models.generate import generate
 from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.parallel.memory import log_memory_estimate
 from dtrain.strategies import Strategy, StepSpec, build_strategy
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Trainer:
         spec = StepSpec(t.global_batch_size, t.micro_batch_size, t.grad_clip, t.precision, t.seed)
         strategy = build_strategy(cfg, spec, env, device)
         strategy.setup(model, lambda named: build_optimizer(named, cfg.optim))
+        log_memory_estimate(cfg, env.world_size, env.rank, strategy.optimizer)
         scheduler = build_scheduler(strategy.optimizer, cfg.optim, t.max_steps)
         loader = ResumableLoader(train_set, t.global_batch_size, strategy.dp_rank, strategy.dp_size, t.seed,
                                  t.data_workers)

@@ -38,6 +38,7 @@ from dtrain.config.compose import redacted_yaml
 from dtrain.config.errors import ConfigError
 from dtrain.distributed import collectives
 from dtrain.distributed.env import DistEnv
+from dtrain.strategies.state import checkpoint_mismatch, model_change_problems
 
 log = logging.getLogger(__name__)
 
@@ -341,26 +342,19 @@ class CheckpointManager:
 
     def _check_compatible(self, saved: DictConfig, url: str) -> None:
         """A checkpoint of another model is a config error, reported before any tensor is read."""
-        from dtrain.config.compose import diff_keys
-
-        differing = diff_keys(saved.model, self.full_cfg.model)
-        if differing:
-            details = ", ".join(f"model.{k}: {OmegaConf.select(saved.model, k)} there, "
-                                f"{OmegaConf.select(self.full_cfg.model, k)} here" for k in differing[:4])
-            raise ConfigError(f"checkpoint {url} was written by a different model ({details}); resume with the "
-                              "same model config, or start a new run with checkpoint.resume=never and a new "
-                              "checkpoint.uri")
+        problems = model_change_problems(saved.model, self.full_cfg.model)
+        if problems:
+            raise ConfigError(f"cannot resume from {url}: {problems[0]} (or start a new run: a new "
+                              "checkpoint.uri, or checkpoint.resume=never)")
 
     def _check_shapes(self, reader: FsspecReader, template: dict[str, Any], url: str) -> None:
+        """Every entry this strategy needs must be in the checkpoint, with the same global shape."""
         saved = reader.read_metadata().state_dict_metadata
-        problems = []
+        missing = checkpoint_mismatch(template, saved.keys())
+        problems = [missing] if missing else []
         for key, value in template.get("model", {}).items():
-            fqn = f"model.{key}"
-            if not isinstance(value, torch.Tensor):
-                continue
-            if fqn not in saved:
-                problems.append(f"{key} is missing")
-            elif hasattr(saved[fqn], "size") and tuple(saved[fqn].size) != tuple(value.shape):
-                problems.append(f"{key} is {tuple(saved[fqn].size)} there, {tuple(value.shape)} here")
+            meta = saved.get(f"model.{key}")
+            if isinstance(value, torch.Tensor) and hasattr(meta, "size") and tuple(meta.size) != tuple(value.shape):
+                problems.append(f"{key} is {tuple(meta.size)} there, {tuple(value.shape)} here")
         if problems:
             raise ConfigError(f"checkpoint {url} does not fit this model: {'; '.join(problems[:4])}")

@@ -76,7 +76,9 @@ class StrategyConfig:
     reduce_dtype: Optional[str] = None
     sequence_parallel: bool = True
     pp_schedule: str = "1F1B"
-    microbatches: int = -1
+    microbatches: int = -1  # pipeline micro-batches per schedule round; -1: the whole local batch in one round
+    pp_stages_per_rank: int = -1  # -1: 1 for GPipe/1F1B, 2 for interleaved and V schedules
+    pp_layers_per_stage: Optional[list[int]] = None  # explicit split (one count per stage); None: even
     activation_checkpointing: str = "none"  # none | full | selective
     compile: bool = False
 

@@ -21,6 +21,13 @@ __all__ = ["STRATEGIES", "StepResult", "StepSpec", "Strategy", "build_strategy",
 STRATEGIES: dict[str, str] = {
     "single": "dtrain.strategies.native:NativeStrategy",
     "ddp": "dtrain.strategies.native:NativeStrategy",
+    "fsdp": "dtrain.strategies.sharded:ShardedStrategy",
+    "hsdp": "dtrain.strategies.sharded:ShardedStrategy",
+    "tp": "dtrain.strategies.sharded:ShardedStrategy",
+    "fsdp_tp": "dtrain.strategies.sharded:ShardedStrategy",
+    "pp": "dtrain.strategies.pipeline:PipelineStrategy",
+    "pp_fsdp": "dtrain.strategies.pipeline:PipelineStrategy",
+    "3d": "dtrain.strategies.pipeline:PipelineStrategy",
 }
 
 
@@ -34,11 +41,17 @@ def check_strategy(cfg: DictConfig, world_size: int) -> list[str]:
     name = cfg.strategy.name
     if name not in STRATEGIES:
         return [f"unknown strategy.name '{name}'; choose one of: {', '.join(STRATEGIES)}"]
-    return _strategy_class(name).check_config(name, cfg.strategy, world_size)
+    cls = _strategy_class(name)
+    problems = cls.check_config(name, cfg.strategy, world_size)
+    if not problems and hasattr(cls, "check_fit"):
+        # optional: checks that need the model, data and batch too (heads vs tp, layers vs stages, ...)
+        problems = cls.check_fit(name, cfg, world_size)
+    return problems
 
 
 def data_parallel_size(cfg: DictConfig, world_size: int) -> int | None:
-    """How many ways the global batch is split; None when the strategy name is unknown."""
+    """How many ways the global batch is split; None when the strategy name is unknown or its degrees
+    do not fit the world size (reported by ``check_strategy``)."""
     name = cfg.strategy.name
     if name not in STRATEGIES:
         return None

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from dtrain.distributed import collectives
@@ -21,6 +20,7 @@ from dtrain.distributed.env import DistEnv
 from dtrain.parallel.ddp import apply_ddp
 from dtrain.parallel.materialize import materialize
 from dtrain.strategies.base import OptimizerFactory, StepResult, StepSpec
+from dtrain.strategies.state import get_model_optim_state, set_model_optim_state
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,10 +52,15 @@ class NativeStrategy:
 
     @staticmethod
     def check_config(name: str, cfg: DictConfig, world_size: int) -> list[str]:
+        problems = []
         if name == "single" and world_size != 1:
-            return [f"strategy=single runs one process but the world size is {world_size}; "
-                    "use strategy=ddp, or launch one process"]
-        return []
+            problems.append(f"strategy=single runs one process but the world size is {world_size}; "
+                            "use strategy=ddp, or launch one process")
+        ignored = [f"strategy.{key}={cfg[key]}" for key in ("dp_shard", "tp", "pp") if cfg[key] != 1]
+        if ignored:
+            problems.append(f"strategy={name} replicates the whole model, so {', '.join(ignored)} would be "
+                            "ignored; use strategy=fsdp, tp, pp or 3d for those degrees")
+        return problems
 
     @staticmethod
     def data_parallel_size(name: str, cfg: DictConfig, world_size: int) -> int:
@@ -117,12 +122,11 @@ class NativeStrategy:
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
 
     def state_dict(self) -> dict[str, Any]:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optim": optim_state}
+        # the layout every native strategy shares, so checkpoints move between them (see state.py)
+        return get_model_optim_state(self.model, self.optimizer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_model_optim_state(self.model, self.optimizer, state)
 
     def sampling_model(self) -> nn.Module | None:
         return self._unwrapped()

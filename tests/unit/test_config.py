@@ -9,7 +9,10 @@ from dtrain.config.errors import ConfigError
 from dtrain.config.validate import load_config
 
 GROUPS = ("model", "data", "strategy", "optim", "logging", "hardware", "experiment")
-NEEDS = {("data", "memmap"): ["data.train_path=/dev/null"]}  # validated separately below
+NEEDS = {("data", "memmap"): ["data.train_path=/dev/null"],  # validated separately below
+         **{("strategy", name): ["model.tie_embeddings=false"] for name in ("pp", "pp_fsdp", "3d")}}
+# the smallest world each strategy's default degrees fit
+WORLD = {"ddp": 2, "fsdp": 2, "hsdp": 4, "tp": 2, "fsdp_tp": 4, "pp": 2, "pp_fsdp": 4, "3d": 8}
 
 
 def options(group):
@@ -23,7 +26,7 @@ def test_every_group_option_composes(group, choice):
         cfg, problems = compose_config(overrides)
         assert problems == [] and cfg.data.train_path == "/dev/null"
         return
-    world = 2 if choice == "ddp" else 1
+    world = WORLD.get(choice, 1) if group == "strategy" else 1
     cfg = load_config(overrides, world_size=world)
     assert cfg.run.dir == "runs/t"
 
@@ -53,7 +56,8 @@ def test_all_problems_reported_together():
 
 
 @pytest.mark.parametrize("overrides,world,expected", [
-    (["strategy=foo"], 1, "unknown strategy 'foo'; choose one of: ddp"),
+    (["strategy=foo"], 1, "unknown strategy 'foo'; choose one of: 3d, ddp, fsdp, fsdp_tp, hsdp, pp, pp_fsdp, "
+                          "single, tp"),
     (["trainer.global_batch_size=12", "trainer.micro_batch_size=4"], 2,
      "global_batch_size=12 is not divisible by micro_batch_size x data-parallel size = 4 x 2 = 8"),
     (["strategy=single"], 2, "strategy=single runs one process but the world size is 2"),

@@ -1,0 +1,83 @@
+"""The global gradient norm over every shard of every stage with one all-reduce, and clipping by it.
+
+A rank's gradients are plain tensors or DTensors sharded and/or replicated over parts of the mesh
+(pending ``Partial`` sums are reduced first, see :func:`reduce_partial_grads`).
+Each rank adds the squares of its local pieces, weighting a piece by 1/(number of ranks holding the
+same piece): a DTensor's piece is repeated over the mesh dimensions where it is ``Replicate``; a plain
+tensor over every rank of its stage (``plain_replicas``). One all-reduce over the world then sums each
+distinct element exactly once, across data-parallel shards, tensor-parallel shards and pipeline stages
+alike (stages hold disjoint parameters). One collective instead of one per layout and mesh
+dimension, and the same float on every rank.
+
+The weighting assumes what the plans guarantee: a DTensor's mesh spans every non-pipeline dimension
+of degree > 1 (FSDP2 puts all parameters on the data-parallel mesh, tensor parallel on the tp mesh).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
+
+
+def _replicas(grad: torch.Tensor, plain_replicas: int) -> int:
+    if isinstance(grad, DTensor):
+        mesh = grad.device_mesh
+        return math.prod(mesh.size(dim) for dim, p in enumerate(grad.placements) if p.is_replicate())
+    return plain_replicas
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    return grad.to_local() if isinstance(grad, DTensor) else grad
+
+
+def reduce_partial_grads(params: Iterable[torch.Tensor]) -> None:
+    """Finish gradients DTensor left as pending sums: a replicated parameter used on sharded activations
+    (a sequence-parallel layer norm) gets a ``Partial`` gradient, one summand per rank. Reduce each once
+    per step, here, so the norm, the clipping and the optimizer all see the real gradient."""
+    for p in params:
+        grad = p.grad
+        if isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements):
+            target = p.placements if isinstance(p, DTensor) else tuple(
+                Replicate() if pl.is_partial() else pl for pl in grad.placements)
+            p.grad = grad.redistribute(grad.device_mesh, target)
+
+
+def global_grad_norm(params: Iterable[torch.Tensor], plain_replicas: int = 1,
+                     group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """L2 norm of all gradients of all ranks of ``group`` (default: the world), a float32 scalar."""
+    by_weight: dict[int, list[torch.Tensor]] = {}
+    device = torch.device("cpu")
+    for p in params:
+        if p.grad is not None:
+            by_weight.setdefault(_replicas(p.grad, plain_replicas), []).append(_local(p.grad))
+            device = p.grad.device  # collectives run where the gradients live (NCCL needs CUDA tensors)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for replicas, grads in by_weight.items():
+        squares = torch.stack(torch._foreach_norm(grads, 2.0)).float().square()
+        total = total + squares.sum() / replicas
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total.sqrt()
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, plain_replicas: int = 1) -> torch.Tensor:
+    """Scale gradients so their global norm is at most ``max_norm`` (<= 0: no clipping) with the same
+    coefficient as ``torch.nn.utils.clip_grad_norm_``; return the norm before clipping."""
+    reduce_partial_grads(params)
+    total = global_grad_norm(params, plain_replicas)
+    if max_norm > 0:
+        coef = min(1.0, float(max_norm / (total + 1e-6)))
+        if coef < 1.0:
+            # foreach lists must not mix DTensors and plain tensors, nor DTensors of different meshes
+            groups: dict[object, list[torch.Tensor]] = {}
+            for p in params:
+                if p.grad is not None:
+                    key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+                    groups.setdefault(key, []).append(p.grad)
+            for grads in groups.values():
+                torch._foreach_mul_(grads, coef)
+    return total

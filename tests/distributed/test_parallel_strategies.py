@@ -1,0 +1,442 @@
+"""Every mesh strategy against one process, on real gloo groups: 20 steps of losses and gradient norms,
+evaluation, gradient-sync counts, and checkpoints that move between strategies and world sizes.
+
+Starting processes is the expensive part on a 2-core machine, so one process group per world size
+runs every case one after the other and records each case's outcome; the tests below then report
+them one by one. Batches are fixed arithmetic sequences (learnable, so losses move); the reference is
+the ``single`` strategy run in the test process on the same global batches.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from dtrain.config.validate import load_config
+from dtrain.distributed.env import discover_env
+from dtrain.models import build_model
+from dtrain.optim import build_optimizer
+from dtrain.strategies import StepSpec, build_strategy
+from dtrain.strategies.state import checkpoint_mismatch, model_change_problems
+from tests.helpers import spawn_workers
+
+STEPS = 20
+GLOBAL, MICRO, SEQ, VOCAB = 8, 2, 16, 64
+# fp32 on CPU: the strategies reduce in other orders than one process, nothing else differs. Observed
+# over 20 steps: |loss - reference| <= 1e-6 and grad norms within 5e-6 relative; the bounds leave 10x.
+LOSS_ATOL, NORM_RTOL = 1e-5, 1e-4
+
+BASE = ["model=gpt_tiny", "model.n_layer=4", "model.d_model=32", "model.n_head=4", "data=synthetic",
+        f"data.seq_len={SEQ}", f"data.vocab_size={VOCAB}", "run.name=t", f"trainer.global_batch_size={GLOBAL}",
+        f"trainer.micro_batch_size={MICRO}", "optim.warmup_steps=0", "optim.lr=3e-3"]
+UNTIED = ["model.tie_embeddings=false"]
+# fewer, larger micro-batches where DTensor's per-op overhead dominates the step on CPU
+BIG_MICRO = ["trainer.micro_batch_size=4"]
+ONE_MICRO = ["trainer.micro_batch_size=8"]
+
+# (overrides, reference): tied embeddings where the strategy keeps them, untied for pipelines
+# The default suite (`make test`) runs every strategy at 2 and 4 ranks; the variants (activation
+# checkpointing, every pipeline schedule, explicit splits, compile) are marked slow: `make test-all`.
+TWO_RANKS = [
+    (["strategy=fsdp"], "tied"),
+    (["strategy=tp", *BIG_MICRO], "tied"),
+    (["strategy=pp", "strategy.pp_schedule=1F1B", *UNTIED], "untied"),
+    (["strategy=pp", "strategy.pp_schedule=ZBVZeroBubble", *UNTIED], "untied"),
+]
+TWO_RANKS_SLOW = [
+    (["strategy=fsdp", "strategy.activation_checkpointing=full"], "tied"),
+    (["strategy=fsdp", "strategy.activation_checkpointing=selective", "strategy.reshard_after_forward=false"], "tied"),
+    (["strategy=tp", "strategy.sequence_parallel=false", *UNTIED, *ONE_MICRO], "untied"),
+    *[(["strategy=pp", f"strategy.pp_schedule={s}", *UNTIED], "untied") for s in
+      ("GPipe", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "DualPipeV")],
+    (["strategy=pp", "strategy.pp_schedule=GPipe", "strategy.microbatches=2", "strategy.activation_checkpointing=full",
+      *UNTIED], "untied"),
+    (["strategy=pp", "strategy.pp_layers_per_stage=[1,3]", *UNTIED], "untied"),
+]
+FOUR_RANKS = [
+    (["strategy=fsdp"], "tied"),
+    (["strategy=hsdp"], "tied"),
+    (["strategy=fsdp_tp", *BIG_MICRO], "tied"),
+    (["strategy=pp_fsdp", "strategy.pp_schedule=Interleaved1F1B", *UNTIED], "untied"),
+]
+FOUR_RANKS_SLOW = [
+    (["strategy=tp", *ONE_MICRO], "tied"),
+    (["strategy=fsdp_tp", "strategy.dp_replicate=2", "strategy.dp_shard=1", "strategy.sequence_parallel=false",
+      *BIG_MICRO], "tied"),
+    (["strategy=pp", "strategy.pp_schedule=1F1B", *UNTIED], "untied"),
+]
+# checkpoint chains: each resumes the previous one's checkpoint (also its own round trip), then saves
+CHAIN_TWO = [["strategy=ddp", *UNTIED], ["strategy=fsdp", *UNTIED], ["strategy=tp", *UNTIED, *BIG_MICRO],
+             ["strategy=pp", "strategy.pp_schedule=ZBVZeroBubble", *UNTIED], ["strategy=pp", *UNTIED],
+             ["strategy=fsdp", *UNTIED]]
+CHAIN_FOUR = [["strategy=pp_fsdp", *UNTIED], ["strategy=fsdp", *UNTIED]]
+CHAIN_FOUR_SLOW = [["strategy=hsdp", *UNTIED], ["strategy=fsdp_tp", *UNTIED, *BIG_MICRO], ["strategy=pp_fsdp", *UNTIED],
+                   ["strategy=3d", "strategy.dp_shard=1", *UNTIED, *BIG_MICRO], ["strategy=fsdp", *UNTIED]]
+# the fsdp@4 checkpoint at the end of CHAIN_FOUR, continued at 2 ranks
+FROM_FOUR = [["strategy=fsdp", *UNTIED], ["strategy=tp", *UNTIED, *BIG_MICRO], ["strategy=pp", *UNTIED]]
+# memory estimate (the dry run's plan on a meta model) against what ranks allocate
+MEMORY = [["strategy=fsdp"], ["strategy=fsdp", "strategy.activation_checkpointing=full"], ["strategy=tp"],
+          ["strategy=tp", "strategy.sequence_parallel=false"], ["strategy=pp", *UNTIED]]
+MEMORY_SLOW = MEMORY[1:2] + MEMORY[3:4]
+MEMORY = [m for m in MEMORY if m not in MEMORY_SLOW]
+STATE_RTOL, ACTIVATION_RTOL = 0.01, 0.05
+
+
+def label(overrides: list[str]) -> str:
+    return " ".join(o.replace("strategy.", "").replace("model.", "") for o in overrides if "micro_batch" not in o)
+
+
+def batches(n: int = STEPS) -> list[torch.Tensor]:
+    """Arithmetic sequences with a random start and stride: learnable, so losses move."""
+    out = []
+    for i in range(n):
+        generator = torch.Generator().manual_seed(100 + i)
+        start = torch.randint(0, VOCAB, (GLOBAL, 1), generator=generator)
+        stride = torch.randint(1, 4, (GLOBAL, 1), generator=generator)
+        out.append((start + stride * torch.arange(SEQ + 1)) % VOCAB)
+    return out
+
+
+def make(overrides: list[str], world: int, precision: str = "fp32"):
+    cfg = load_config(BASE + overrides, world)
+    spec = StepSpec(GLOBAL, cfg.trainer.micro_batch_size, 1.0, precision, 11)
+    strategy = build_strategy(cfg, spec, discover_env(), torch.device("cpu"))
+    strategy.setup(build_model(cfg.model, 11), lambda named: build_optimizer(named, cfg.optim))
+    return strategy
+
+
+def step(strategy, batch: torch.Tensor) -> tuple[float, float]:
+    result = strategy.train_step(batch.chunk(strategy.dp_size)[strategy.dp_rank])
+    return result.loss.item(), result.grad_norm.item()
+
+
+def trajectory(overrides: list[str], world: int, data: list[torch.Tensor], precision: str = "fp32") -> dict:
+    strategy = make(overrides, world, precision)
+    steps = [step(strategy, b) for b in data]
+    val = strategy.eval_loss(data[0].chunk(strategy.dp_size)[strategy.dp_rank]).item()
+    strategy.teardown()
+    return {"steps": steps, "val": val}
+
+
+def assert_matches(got: dict, ref: dict, what: str, loss_atol: float = LOSS_ATOL, norm_rtol: float = NORM_RTOL):
+    assert len(got["steps"]) == len(ref["steps"])
+    for i, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got["steps"], ref["steps"])):
+        assert abs(loss - ref_loss) <= loss_atol, f"{what} step {i + 1}: loss {loss} vs {ref_loss}"
+        assert abs(norm - ref_norm) <= norm_rtol * ref_norm, f"{what} step {i + 1}: grad norm {norm} vs {ref_norm}"
+    assert abs(got["val"] - ref["val"]) <= loss_atol, f"{what}: eval {got['val']} vs {ref['val']}"
+
+
+def outcome(fn: Callable[[], None]) -> str | None:
+    """None if ``fn`` passed, else its assertion message (other errors propagate and fail the group)."""
+    try:
+        fn()
+        return None
+    except AssertionError as e:
+        return str(e) or repr(e)
+
+
+def assert_calls(counter, kind: str, expected: int) -> None:
+    assert counter.calls[kind] == expected, f"{counter.calls[kind]} {kind} calls, expected {expected}: " \
+                                            f"{dict(counter.calls)}"
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a DTensor's local shard): what is allocated."""
+    storages = {}
+    for t in tensors:
+        if t is not None:
+            storage = _local(t).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def measured_memory(strategy) -> dict[str, int]:
+    """Parameters, gradients (just before the optimizer step) and AdamW state actually allocated on this
+    rank; activations as the storages autograd saves for one micro-batch (parameters and their views
+    excluded), for strategies that expose one model."""
+    from torch import nn
+
+    from dtrain.strategies.native import token_loss
+
+    params = [p for group in strategy.optimizer.param_groups for p in group["params"]]
+    measured: dict[str, int] = {}
+    hook = strategy.optimizer.register_step_pre_hook(
+        lambda *_: measured.__setitem__("grads", storage_bytes(p.grad for p in params)))
+    step(strategy, batches(1)[0])
+    hook.remove()
+    measured["params"] = storage_bytes(params)
+    measured["optimizer"] = storage_bytes(v for state in strategy.optimizer.state.values()
+                                          for k, v in state.items() if k != "step")
+    if getattr(strategy, "model", None) is not None:
+        saved = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            base = t._base if t._base is not None else t
+            if not isinstance(base, nn.Parameter) and not (base.is_leaf and base.requires_grad):
+                saved[_local(t).untyped_storage().data_ptr()] = _local(t).untyped_storage().nbytes()
+            return t
+
+        micro = batches(1)[0][:strategy.spec.micro_batch_size]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            token_loss(strategy.model(micro[:, :-1]), micro[:, 1:])
+        strategy.optimizer.zero_grad(set_to_none=True)
+        measured["activations"] = sum(saved.values())
+    return measured
+
+
+def assert_memory_close(measured: dict[str, int], estimate, what: str) -> None:
+    for key in ("params", "grads", "optimizer"):
+        assert abs(measured[key] - getattr(estimate, key)) <= STATE_RTOL * getattr(estimate, key), \
+            f"{what}: {key} measured {measured[key]} vs estimated {getattr(estimate, key)}"
+    if "activations" in measured:
+        assert abs(measured["activations"] - estimate.activations) <= ACTIVATION_RTOL * measured["activations"], \
+            f"{what}: activations measured {measured['activations']} vs estimated {estimate.activations}"
+
+
+def plan_estimates(world: int) -> dict[str, list]:
+    """What ``dtrain plan`` predicts for every rank of each MEMORY case (meta model, fake process group;
+    activations without the checkpointing recompute, which a forward-only measurement cannot see)."""
+    from dataclasses import replace
+
+    from dtrain.dryrun import _params, _rank_modules
+    from dtrain.parallel.memory import activation_bytes, activation_shape, estimate_rank_memory, local_numel_and_bytes
+    from dtrain.strategies.layout import parallel_dims
+
+    out = {}
+    for overrides in MEMORY + MEMORY_SLOW:
+        cfg = load_config(BASE + overrides, world)
+        dims = parallel_dims(cfg.strategy.name, cfg.strategy, world)
+        estimates = []
+        for rank in range(world):
+            _, nbytes = local_numel_and_bytes(p for _, p in _params(_rank_modules(cfg, dims, rank)))
+            estimate = estimate_rank_memory(cfg, dims, rank, nbytes)
+            forward_only = activation_bytes(activation_shape(cfg, dims, rank), include_recompute=False)
+            estimates.append(replace(estimate, activations=forward_only))
+        out[label(overrides)] = estimates
+    return out
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def save_and_expect(overrides: list[str], world: int, path: str) -> list[tuple[float, float]]:
+    """Train a step (so the optimizer has state), save, then return the 2 steps an uninterrupted run takes
+    next."""
+    strategy = make(overrides, world)
+    data = batches(3)
+    step(strategy, data[0])
+    dcp.save(strategy.state_dict(), checkpoint_id=path)
+    expected = [step(strategy, b) for b in data[1:]]
+    strategy.teardown()
+    return expected
+
+
+def resume_and_compare(overrides: list[str], world: int, path: str, expected, what: str) -> None:
+    strategy = make(overrides, world)
+    state = strategy.state_dict()
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata.keys()
+    assert checkpoint_mismatch(state, saved) is None
+    dcp.load(state, checkpoint_id=path)
+    strategy.load_state_dict(state)
+    got = [step(strategy, b) for b in batches(3)[1:]]
+    strategy.teardown()
+    for (loss, norm), (ref_loss, ref_norm) in zip(got, expected):
+        assert abs(loss - ref_loss) <= LOSS_ATOL, f"{what}: loss {loss} vs {ref_loss}"
+        assert abs(norm - ref_norm) <= NORM_RTOL * ref_norm, f"{what}: grad norm {norm} vs {ref_norm}"
+
+
+def run_chain(chain: list[list[str]], world: int, root: str, results: dict) -> list[tuple[float, float]]:
+    expected = None
+    for index, overrides in enumerate(chain):
+        if expected is not None:
+            what = f"{label(chain[index - 1])} @{world} -> {label(overrides)} @{world}"
+            results[what] = outcome(lambda: resume_and_compare(overrides, world, f"{root}/{index - 1}", expected, what))
+        expected = save_and_expect(overrides, world, f"{root}/{index}")
+    return expected
+
+
+# --- the two process groups ------------------------------------------------------------------------
+
+def _parity(cases, world: int, refs: dict, results: dict) -> None:
+    data = batches()
+    for overrides, ref in cases:
+        what = f"{label(overrides)} @{world}"
+        results[what] = outcome(lambda: assert_matches(trajectory(overrides, world, data), refs[ref], what))
+
+
+def _four_rank_worker(rank: int, world: int, refs: dict, root: str, out: str) -> None:
+    results: dict[str, str | None] = {}
+    _parity(FOUR_RANKS, world, refs, results)
+    expected = run_chain(CHAIN_FOUR, world, root, results)
+    if rank == 0:
+        torch.save({"results": results, "expected": expected}, out)
+
+
+def _slow_worker(rank: int, world: int, refs: dict, plans: dict, out: str) -> None:
+    """The variants: every schedule, checkpointing, explicit splits, compile, more memory cases."""
+    results: dict[str, str | None] = {}
+    _parity(TWO_RANKS_SLOW if world == 2 else FOUR_RANKS_SLOW, world, refs, results)
+    if world == 4:
+        run_chain(CHAIN_FOUR_SLOW, world, tempfile.mkdtemp(dir=os.path.dirname(out)), results)
+    if world == 2:
+        # torch.compile per block, under FSDP2 (inductor on CPU; the first compile takes ~30 s on 2 cores)
+        results["fsdp compile=true @2"] = outcome(lambda: assert_matches(
+            trajectory(["strategy=fsdp", "strategy.compile=true"], world, batches()[:3]), refs["tied_3"],
+            "fsdp compile"))
+        _memory(MEMORY_SLOW, world, rank, plans, results)
+    if rank == 0:
+        torch.save(results, out)
+
+
+def _memory(cases, world: int, rank: int, plans: dict, results: dict) -> None:
+    for overrides in cases:
+        strategy = make(overrides, world)
+        measured = measured_memory(strategy)
+        strategy.teardown()
+        what = f"memory {label(overrides)} @{world}"
+        results[what] = outcome(lambda: assert_memory_close(measured, plans[label(overrides)][rank], what))
+
+
+def _two_rank_worker(rank: int, world: int, refs: dict, root: str, from_four: dict, plans: dict, out: str) -> None:
+    from dtrain.metrics.comm import CommCounter
+
+    results: dict[str, str | None] = {}
+    data = batches()
+    _parity(TWO_RANKS, world, refs, results)
+
+    # bf16: not bit-comparable to fp32, but the same run within bf16 rounding (~3 significant digits)
+    fsdp_bf16 = ["strategy=fsdp", "strategy.param_dtype=bf16", "strategy.reduce_dtype=fp32", *UNTIED]
+    results["fsdp param_dtype=bf16 @2"] = outcome(lambda: assert_matches(
+        trajectory(fsdp_bf16, world, data[:5]), refs["untied_5"], "fsdp bf16", loss_atol=3e-2, norm_rtol=5e-2))
+    results["pp precision=bf16 @2"] = outcome(lambda: assert_matches(
+        trajectory(["strategy=pp", *UNTIED], world, data[:5], precision="bf16"), refs["bf16_5"], "pp bf16",
+        loss_atol=1e-2, norm_rtol=2e-2))
+
+    # gradient reduction once per step, not once per micro-batch (8 / (2 x 2) = 2 micro-batches here)
+    for overrides, kind, expected in ((["strategy=fsdp"], "reduce_scatter", 1 + 4),  # root + 4 block groups
+                                      (["strategy=hsdp", "strategy.dp_replicate=2", "strategy.dp_shard=1"],
+                                       "all_reduce", 1 + 4 + 2)):  # ... + loss and grad norm
+        strategy = make(overrides, world)
+        step(strategy, data[0])  # the first step initializes lazily
+        with CommCounter() as counter:
+            step(strategy, data[1])
+        strategy.teardown()
+        results[f"{label(overrides)} syncs once"] = outcome(lambda: assert_calls(counter, kind, expected))
+
+    _memory(MEMORY, world, rank, plans, results)
+    run_chain(CHAIN_TWO, world, root, results)
+    for overrides in FROM_FOUR:
+        what = f"fsdp @4 -> {label(overrides)} @{world}"
+        results[what] = outcome(lambda: resume_and_compare(overrides, world, from_four["path"], from_four["expected"],
+                                                           what))
+    if rank == 0:
+        torch.save(results, out)
+
+
+@pytest.fixture(scope="module")
+def references() -> dict:
+    data = batches()
+    refs = {"tied": trajectory(["strategy=single"], 1, data),
+            "untied": trajectory(["strategy=single", *UNTIED], 1, data),
+            "untied_5": trajectory(["strategy=single", *UNTIED], 1, data[:5]),
+            "tied_3": trajectory(["strategy=single"], 1, data[:3]),
+            "bf16_5": trajectory(["strategy=single", *UNTIED], 1, data[:5], precision="bf16")}
+    losses = [loss for loss, _ in refs["untied"]["steps"]]
+    assert losses[-1] < losses[0] - 0.3  # the runs learn, so parity is not trivially flat
+    return refs
+
+
+@pytest.fixture(scope="module")
+def four_ranks(references, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("four")
+    spawn_workers(_four_rank_worker, 4, references, str(root), str(root / "out.pt"), timeout=600)
+    saved = torch.load(root / "out.pt")
+    saved["path"] = str(root / str(len(CHAIN_FOUR) - 1))
+    return saved
+
+
+@pytest.fixture(scope="module")
+def two_ranks(references, four_ranks, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("two")
+    spawn_workers(_two_rank_worker, 2, references, str(root), four_ranks, plan_estimates(2), str(root / "out.pt"),
+                  timeout=600)
+    return torch.load(root / "out.pt")
+
+
+@pytest.fixture(scope="module")
+def slow_variants(references, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("slow")
+    results = {}
+    for world in (2, 4):
+        out = root / f"out{world}.pt"
+        spawn_workers(_slow_worker, world, references, plan_estimates(2), str(out), timeout=900)
+        results.update(torch.load(out))
+    return results
+
+
+@pytest.mark.parametrize("case", [f"{label(o)} @4" for o, _ in FOUR_RANKS])
+def test_four_ranks_match_one_process_for_20_steps(four_ranks, case):
+    assert four_ranks["results"][case] is None, four_ranks["results"][case]
+
+
+@pytest.mark.parametrize("case", [f"{label(o)} @2" for o, _ in TWO_RANKS]
+                         + ["fsdp param_dtype=bf16 @2", "pp precision=bf16 @2"])
+def test_two_ranks_match_one_process_for_20_steps(two_ranks, case):
+    assert two_ranks[case] is None, two_ranks[case]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [f"{label(o)} @2" for o, _ in TWO_RANKS_SLOW] + ["fsdp compile=true @2"]
+                         + [f"{label(o)} @4" for o, _ in FOUR_RANKS_SLOW]
+                         + [f"memory {label(o)} @2" for o in MEMORY_SLOW]
+                         + [f"{label(a)} @4 -> {label(b)} @4" for a, b in zip(CHAIN_FOUR_SLOW, CHAIN_FOUR_SLOW[1:])])
+def test_variants_match_one_process(slow_variants, case):
+    assert slow_variants[case] is None, slow_variants[case]
+
+
+@pytest.mark.parametrize("case", [f"memory {label(o)} @2" for o in MEMORY])
+def test_memory_estimate_matches_what_ranks_allocate(two_ranks, case):
+    """Parameters, gradients and optimizer state within 1% of the dry run's plan, saved activations
+    within 5% of the estimate."""
+    assert two_ranks[case] is None, two_ranks[case]
+
+
+@pytest.mark.parametrize("case", ["strategy=fsdp syncs once", "strategy=hsdp dp_replicate=2 dp_shard=1 syncs once"])
+def test_gradients_are_reduced_once_per_step_not_per_micro_batch(two_ranks, case):
+    assert two_ranks[case] is None, two_ranks[case]
+
+
+@pytest.mark.parametrize("case", [f"{label(a)} @4 -> {label(b)} @4" for a, b in zip(CHAIN_FOUR, CHAIN_FOUR[1:])]
+                         + [f"{label(a)} @2 -> {label(b)} @2" for a, b in zip(CHAIN_TWO, CHAIN_TWO[1:])]
+                         + [f"fsdp @4 -> {label(o)} @2" for o in FROM_FOUR])
+def test_checkpoint_resumes_under_another_strategy_and_world_size(four_ranks, two_ranks, case):
+    results = {**four_ranks["results"], **two_ranks}
+    assert results[case] is None, results[case]
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_a_reason(tmp_path):
+    """In one process: DCP needs no process group. A deeper model lacks entries; a tied checkpoint would
+    even load into an untied model, so the model configs are compared too."""
+    shallow = make(["strategy=single", "model.n_layer=2"], 1)
+    dcp.save(shallow.state_dict(), checkpoint_id=str(tmp_path))
+    deeper = make(["strategy=single"], 1)
+    saved = dcp.FileSystemReader(str(tmp_path)).read_metadata().state_dict_metadata.keys()
+    problem = checkpoint_mismatch(deeper.state_dict(), saved)
+    assert problem is not None and "blocks.2" in problem and "different model" in problem, problem
+    tied = load_config(BASE + ["strategy=single"], 1).model
+    untied = load_config(BASE + ["strategy=single", *UNTIED, "model.dropout=0.1"], 1).model
+    problems = model_change_problems(tied, untied)
+    assert len(problems) == 1 and "model.tie_embeddings=True (now False)" in problems[0], problems
+    assert "dropout" not in problems[0]  # harmless changes pass
