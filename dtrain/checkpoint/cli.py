@@ -75,7 +75,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"FAIL {storage.url(name)}: " + "; ".join(problems))
         else:
             print(f"OK   {storage.url(name)} ({len(manifest.files)} files, {manifest.total_bytes / 1e6:.1f} MB, "
-                  f"{'sizes' if args.sizes_only else 'sizes and SHA-256'} verified)")
+                  f"{'sizes' if args.sizes_only else 'sizes and CRC32C'} verified)")
     return EXIT_BAD if failed else 0
 
 
@@ -92,7 +92,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"config hash {manifest.config_hash} | saved in {manifest.save_seconds:.2f} s | "
           f"{manifest.total_bytes / 1e6:.1f} MB")
     for entry in manifest.files:
-        print(f"  {entry['size']:>14,d}  {entry['sha256'][:16]}  {entry['path']}")
+        print(f"  {entry['size']:>14,d}  {entry['crc32c']}  {entry['path']}")
     trainer_state = json.loads(storage.read_bytes(posixpath.join(step, "trainer_state.json")))
     print(f"  data position: global sample {trainer_state['loader']['next_sample']} | lr "
           f"{trainer_state['scheduler'].get('_last_lr')}")
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("ls", "list steps and whether each is committed").set_defaults(fn=cmd_ls)
-    verify = add("verify", "check sizes and SHA-256 of one step or all steps")
+    verify = add("verify", "check sizes and CRC32C checksums of one step or all steps")
     verify.add_argument("--sizes-only", action="store_true", help="skip checksums (fast)")
     verify.set_defaults(fn=cmd_verify)
     inspect = add("inspect", "manifest, files, data position; config diff against overrides")

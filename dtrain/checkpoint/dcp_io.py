@@ -1,5 +1,9 @@
-"""torch.distributed.checkpoint over fsspec, with a size and SHA-256 for every file computed while it is
-written (no second read of the bytes).
+"""torch.distributed.checkpoint over fsspec, with a size and CRC32C checksum for every file computed while
+it is written (no second read of the bytes).
+
+CRC32C, not a cryptographic hash: the checksum guards against torn writes and flipped bits (anyone who can
+rewrite shards can rewrite the manifest too), and at ~9 GB/s with SSE4.2 it costs a save almost nothing,
+where SHA-256 (~1 GB/s here) slowed saves by a fifth.
 
 DCP's fsspec writer lives in a private module (``torch.distributed.checkpoint._fsspec_filesystem``);
 this file is the only place that imports it, so a torch upgrade that moves it breaks one file.
@@ -7,7 +11,6 @@ this file is the only place that imports it, so a torch upgrade that moves it br
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import posixpath
@@ -15,20 +18,26 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import crc32c
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 
 from dtrain.checkpoint import failpoints
 
-__all__ = ["FileRecord", "HashingFsspecWriter", "FsspecReader", "sha256_of_stream", "stop_checkpoint_process"]
+__all__ = ["FileRecord", "HashingFsspecWriter", "FsspecReader", "checksum_of_stream", "crc32c_hex",
+           "stop_checkpoint_process"]
 
-FileRecord = dict[str, Any]  # {"path": relative name, "size": bytes, "sha256": hex}
+FileRecord = dict[str, Any]  # {"path": relative name, "size": bytes, "crc32c": 8 hex digits}
+
+
+def crc32c_hex(data: bytes) -> str:
+    return f"{crc32c.crc32c(data):08x}"
 
 
 class _HashingStream(io.RawIOBase):
     """Pass-through writer that hashes and counts what goes by; sequential writes only."""
 
     def __init__(self, inner: Any):
-        self.inner, self.digest, self.count = inner, hashlib.sha256(), 0
+        self.inner, self.crc, self.count = inner, 0, 0
         self.kill_after = 2**16 if failpoints.active("mid_shard") else None  # fault tests only
 
     def writable(self) -> bool:
@@ -38,7 +47,7 @@ class _HashingStream(io.RawIOBase):
         view = memoryview(data).cast("B")
         written = self.inner.write(view)
         written = len(view) if written is None else written
-        self.digest.update(view[:written])
+        self.crc = crc32c.crc32c(view[:written], self.crc)
         self.count += written
         if self.kill_after is not None and self.count >= self.kill_after:
             self.inner.flush()
@@ -59,7 +68,7 @@ class _HashingStream(io.RawIOBase):
 
 
 class _HashingFileSystem(FileSystem):
-    """DCP's fsspec filesystem, recording (size, sha256) of every file it creates, keyed by basename."""
+    """DCP's fsspec filesystem, recording (size, CRC32C) of every file it creates, keyed by basename."""
 
     def __init__(self, inner: FileSystem, records: dict[str, FileRecord]):
         super().__init__()
@@ -91,7 +100,7 @@ class _HashingFileSystem(FileSystem):
             hashing.flush()
         with self._lock:
             name = posixpath.basename(os.fspath(path))
-            self.records[name] = {"path": name, "size": hashing.count, "sha256": hashing.digest.hexdigest()}
+            self.records[name] = {"path": name, "size": hashing.count, "crc32c": f"{hashing.crc:08x}"}
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
         """DCP renames ``.metadata.tmp`` into place. Object stores have no rename: copy + delete directly
@@ -119,13 +128,14 @@ class HashingFsspecWriter(FsspecWriter):
         self.fs = _HashingFileSystem(self.fs, self.records)
 
 
-def sha256_of_stream(stream: Any, chunk: int = 8 * 2**20) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
+def checksum_of_stream(stream: Any, chunk: int = 8 * 2**20) -> tuple[int, str]:
+    """(size, CRC32C) of everything left in a readable stream."""
+    crc, size = 0, 0
     while True:
         block = stream.read(chunk)
         if not block:
-            return size, digest.hexdigest()
-        digest.update(block)
+            return size, f"{crc:08x}"
+        crc = crc32c.crc32c(block, crc)
         size += len(block)
 
 

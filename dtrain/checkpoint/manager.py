@@ -13,7 +13,6 @@ and re-raises its error.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -29,8 +28,8 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
 from dtrain.checkpoint import failpoints
-from dtrain.checkpoint.dcp_io import (FileRecord, FsspecReader, HashingFsspecWriter, sha256_of_stream,
-                                     stop_checkpoint_process)
+from dtrain.checkpoint.dcp_io import (FileRecord, FsspecReader, HashingFsspecWriter, checksum_of_stream,
+                                     crc32c_hex, stop_checkpoint_process)
 from dtrain.checkpoint.manifest import (MANIFEST, Manifest, ManifestError, parse_step, read_manifest, step_dir,
                                         verify_files)
 from dtrain.checkpoint.storage import Storage, StorageError
@@ -68,7 +67,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _hashed(name: str, data: bytes) -> FileRecord:
-    return {"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"path": name, "size": len(data), "crc32c": crc32c_hex(data)}
 
 
 def resolve_resume_target(storage: Storage, resume: str) -> tuple[Storage, list[str]]:
@@ -109,6 +108,9 @@ class CheckpointManager:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="dtrain-ckpt") if self.async_mode != "off" else None
         self._pending: Future | None = None
         self._pending_step: int | None = None
+        # deleting old steps never blocks the loop: it only touches steps older than the newest commit
+        self._janitor = ThreadPoolExecutor(1, thread_name_prefix="dtrain-retention")
+        self._retention: Future | None = None
         # a group of its own: background DCP collectives must not interleave with training's on gloo
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() and self._executor else None
         # one stager for the whole run keeps its host copy of the state between saves: after the first save
@@ -122,6 +124,7 @@ class CheckpointManager:
                                                         use_shared_memory=self.async_mode == "process",
                                                         use_async_staging=False, use_non_blocking_copy=False))
         self.last_save_seconds: float | None = None
+        self._config_yaml = redacted_yaml(cfg).encode()  # written into every step; the config does not change
 
     # -- saving ----------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -142,7 +145,7 @@ class CheckpointManager:
             self.storage.remove(name, recursive=True)
         collectives.barrier()  # nobody writes into the folder while it is being cleared
         failpoints.saving_step = step
-        own_files = self._write_small_files(name, extras)
+        small_files = self._small_files(extras)
         writer = HashingFsspecWriter(self.storage.url(name), self.storage.options,
                                      sync_files=self.storage.protocol in ("file", "local"),
                                      thread_count=self.cfg.write_threads)
@@ -154,11 +157,11 @@ class CheckpointManager:
                                       async_checkpointer_type=kind, async_stager=self._stager,
                                       no_dist=not dist.is_initialized())
             upload = response if isinstance(response, Future) else response.upload_completion
-            self._pending = self._executor.submit(self._complete, name, step, writer, own_files, upload, start)
+            self._pending = self._executor.submit(self._complete, name, step, writer, small_files, upload, start)
             self._pending_step = step
         else:
             dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
-            self._complete(name, step, writer, own_files, None, start)
+            self._complete(name, step, writer, small_files, None, start)
             collectives.barrier()  # nobody exits (or starts the next save) before rank 0 has committed
         blocked = time.perf_counter() - start
         log.info("checkpoint step %d: loop blocked %.3f s (%s)", step, blocked,
@@ -176,13 +179,26 @@ class CheckpointManager:
         except Exception as e:
             raise RuntimeError(f"rank {self.env.rank}: background checkpoint save of step {step} failed: {e}") from e
 
+    def _wait_for_retention(self) -> None:
+        """Finish the previous clean-up; a failed deletion is reported, never fatal (the commit stands)."""
+        if self._retention is None:
+            return
+        try:
+            self._retention.result()
+        except Exception as e:
+            log.warning("retention after a commit failed (old steps may remain under %s): %s", self.storage.url(), e)
+        self._retention = None
+
     def finalize(self) -> None:
         """Wait for the last save and make sure rank 0 has committed it before anyone exits."""
         self.wait()
+        self._wait_for_retention()
         collectives.barrier()
 
     def close(self) -> None:
         self.wait()
+        self._wait_for_retention()
+        self._janitor.shutdown(wait=True)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         if self._stager is not None:
@@ -191,28 +207,25 @@ class CheckpointManager:
         if self.async_mode == "process":
             stop_checkpoint_process()
 
-    def _write_small_files(self, name: str, extras: dict[str, Any]) -> dict[str, FileRecord]:
-        """RNG of this rank; on rank 0 also the trainer state and the (redacted) resolved config."""
-        files = {}
+    def _small_files(self, extras: dict[str, Any]) -> dict[str, bytes]:
+        """RNG of this rank; on rank 0 also the trainer state and the (redacted) resolved config. Captured
+        now, written with the shards (in the background when saving asynchronously)."""
         buffer = io.BytesIO()
         torch.save(rng_state(), buffer)
-        rng_name = f"rng/rank_{self.env.rank:05d}.pt"
-        files[rng_name] = self._put(name, rng_name, buffer.getvalue())
+        files = {f"rng/rank_{self.env.rank:05d}.pt": buffer.getvalue()}
         if self.env.is_rank_zero:
-            files[TRAINER_STATE] = self._put(name, TRAINER_STATE, json.dumps(extras, sort_keys=True).encode())
-            files[CONFIG] = self._put(name, CONFIG, redacted_yaml(self.full_cfg).encode())
+            files[TRAINER_STATE] = json.dumps(extras, sort_keys=True).encode()
+            files[CONFIG] = self._config_yaml
         return files
 
-    def _put(self, step_name: str, relative: str, data: bytes) -> FileRecord:
-        self.storage.write_bytes(posixpath.join(step_name, relative), data)
-        return _hashed(relative, data)
-
-    def _complete(self, name: str, step: int, writer: HashingFsspecWriter, own_files: dict[str, FileRecord],
+    def _complete(self, name: str, step: int, writer: HashingFsspecWriter, small_files: dict[str, bytes],
                   upload: Future | None, start: float) -> None:
+        for relative, data in small_files.items():
+            self.storage.write_bytes(posixpath.join(name, relative), data)
         if upload is not None:
             upload.result()
         records = dict(writer.records) or self._hash_written_back(name)  # process mode hashes in a child
-        records.update(own_files)
+        records.update({relative: _hashed(relative, data) for relative, data in small_files.items()})
         sidecar = posixpath.join(name, SIDECARS, f"rank_{self.env.rank:05d}.json")
         self.storage.write_bytes(sidecar, json.dumps(sorted(records.values(), key=lambda r: r["path"])).encode())
         failpoints.failpoint("after_shards", step)
@@ -225,7 +238,8 @@ class CheckpointManager:
             self.storage.write_bytes(posixpath.join(name, MANIFEST), manifest.to_json())
             self.last_save_seconds = seconds
             log.info("committed %s (%.1f MB in %.2f s)", self.storage.url(name), manifest.total_bytes / 1e6, seconds)
-            self._retain(step)
+            self._wait_for_retention()
+            self._retention = self._janitor.submit(self._retain, step)
 
     def _hash_written_back(self, name: str) -> dict[str, FileRecord]:
         """Checksums of this rank's DCP files by reading them back (when a child process wrote them)."""
@@ -234,8 +248,8 @@ class CheckpointManager:
         for file_name in self.storage.listdir(name):
             if file_name.startswith(mine) or (self.env.is_rank_zero and file_name == ".metadata"):
                 with self.storage.open(posixpath.join(name, file_name)) as stream:
-                    size, digest = sha256_of_stream(stream)
-                records[file_name] = {"path": file_name, "size": size, "sha256": digest}
+                    size, digest = checksum_of_stream(stream)
+                records[file_name] = {"path": file_name, "size": size, "crc32c": digest}
         return records
 
     def _gather_sidecars(self, name: str) -> list[FileRecord]:

@@ -1,7 +1,7 @@
 """The commit record of one checkpoint step: ``step_<8 digits>/manifest.json``, written last, by one rank.
 
 A step folder without a valid manifest does not exist for resume. The manifest lists every file with
-its size and SHA-256, so a truncated or corrupted shard is found before anything is loaded.
+its size and CRC32C checksum, so a truncated or corrupted shard is found before anything is loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dtrain.checkpoint.dcp_io import sha256_of_stream
+from dtrain.checkpoint.dcp_io import checksum_of_stream
 from dtrain.checkpoint.storage import Storage
 
 FORMAT = "dtrain-checkpoint/1"
@@ -97,7 +97,7 @@ def verify_files(storage: Storage, step_name: str, files: list[dict[str, Any]], 
             continue
         if checksums:
             with storage.open(relative, "rb") as stream:
-                _, digest = sha256_of_stream(stream)
-            if digest != entry["sha256"]:
-                problems.append(f"{entry['path']} fails its SHA-256 check (corrupted)")
+                _, digest = checksum_of_stream(stream)
+            if digest != entry["crc32c"]:
+                problems.append(f"{entry['path']} fails its CRC32C check (corrupted)")
     return problems

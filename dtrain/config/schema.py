@@ -121,7 +121,7 @@ class CheckpointConfig:
     keep_last: int = 2  # committed steps kept; never fewer than 1
     async_mode: str = "off"  # off | thread | process
     resume: str = "auto"  # auto | never | <step> | <URI of a step_XXXXXXXX folder>
-    verify_checksums: bool = True  # SHA-256 of every file before loading (sizes are always checked)
+    verify_checksums: bool = True  # CRC32C of every file before loading (sizes are always checked)
     save_final: bool = True
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     grace_period_s: float = 30.0  # time between the signal and SIGKILL (torchrun, K8s and Slurm defaults: 30 s)

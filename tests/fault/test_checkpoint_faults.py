@@ -79,10 +79,10 @@ def test_corrupted_or_truncated_shards_are_refused(reference, tmp_path, capsys):
     shard.write_bytes(bytes(data))
     assert ckpt(["verify", str(tmp_path / "checkpoints")]) == 1
     out = capsys.readouterr().out
-    assert "FAIL" in out and "step_00000012" in out and "SHA-256" in out and out.count("OK ") == 2
+    assert "FAIL" in out and "step_00000012" in out and "CRC32C" in out and out.count("OK ") == 2
     overrides = [*TINY, *CKPT, f"run.dir={tmp_path}"]
     explicit = torchrun(2, [*overrides, "trainer.max_steps=14", "checkpoint.resume=12"], timeout=120)
-    assert explicit.returncode != 0 and "fails its SHA-256 check" in explicit.stderr
+    assert explicit.returncode != 0 and "fails its CRC32C check" in explicit.stderr
     fallback = torchrun(2, [*overrides, "trainer.max_steps=10"])
     assert fallback.returncode == 0, fallback.stderr[-3000:]
     assert "skipping" in fallback.stderr and "step_00000008" in fallback.stderr.split("resumed from", 1)[1]

@@ -23,7 +23,7 @@ def test_manifest_paths_cannot_leave_the_step_folder(path):
 def test_manifest_round_trip_and_unreadable_manifest(tmp_path):
     storage = Storage(str(tmp_path))
     manifest = Manifest(step=7, world_size=2, strategy="ddp", config_hash="abc",
-                        files=[{"path": "rng/rank_00000.pt", "size": 3, "sha256": "x"}])
+                        files=[{"path": "rng/rank_00000.pt", "size": 3, "crc32c": "x"}])
     storage.write_bytes("step_00000007/manifest.json", manifest.to_json())
     assert read_manifest(storage, "step_00000007") == manifest
     storage.write_bytes("step_00000008/manifest.json", manifest.to_json()[:20])  # torn write
@@ -37,18 +37,18 @@ def test_manifest_round_trip_and_unreadable_manifest(tmp_path):
 
 
 def test_verification_finds_truncation_and_flipped_bytes(tmp_path):
-    import hashlib
+    from dtrain.checkpoint.dcp_io import crc32c_hex
 
     storage = Storage(str(tmp_path))
     data = os.urandom(5000)
     storage.write_bytes("step_00000001/shard", data)
-    entry = {"path": "shard", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    entry = {"path": "shard", "size": len(data), "crc32c": crc32c_hex(data)}
     assert verify_files(storage, "step_00000001", [entry], checksums=True) == []
     flipped = bytearray(data)
     flipped[1234] ^= 0x01
     storage.write_bytes("step_00000001/shard", bytes(flipped))
     assert verify_files(storage, "step_00000001", [entry], checksums=False) == []  # same size
-    assert "SHA-256" in verify_files(storage, "step_00000001", [entry], checksums=True)[0]
+    assert "CRC32C" in verify_files(storage, "step_00000001", [entry], checksums=True)[0]
     storage.write_bytes("step_00000001/shard", data[:4000])
     assert "truncated" in verify_files(storage, "step_00000001", [entry], checksums=False)[0]
     storage.remove("step_00000001/shard")
