@@ -49,6 +49,12 @@ def resolve_layout(name: str, cfg: DictConfig, world_size: int) -> tuple[Paralle
     return ParallelDims(**resolved), []
 
 
+def layout_data_parallel_size(name: str, cfg: DictConfig, world_size: int) -> int | None:
+    """Replicas the batch is split over (dp_replicate x dp_shard); None when the layout does not resolve."""
+    dims, problems = resolve_layout(name, cfg, world_size)
+    return None if problems else dims.dp
+
+
 def common_problems(cfg: DictConfig) -> list[str]:
     """Knob values every mesh strategy understands."""
     problems = []

@@ -36,6 +36,14 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
+def forward_loss(model: nn.Module, micro_batch: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """Token loss of one ``[B, T+1]`` micro-batch: inputs are all but the last token, targets all but the first."""
+    micro_batch = micro_batch.to(device, non_blocking=True)
+    with autocast(device, precision):
+        logits = model(micro_batch[:, :-1])
+    return token_loss(logits, micro_batch[:, 1:])
+
+
 def split_micro_batches(batch: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:
     if batch.shape[0] % micro_batch_size:
         raise ValueError(f"local batch {batch.shape[0]} is not a multiple of micro batch {micro_batch_size}")
@@ -92,10 +100,7 @@ class NativeStrategy:
         return contextlib.nullcontext()
 
     def _forward_loss(self, micro_batch: torch.Tensor) -> torch.Tensor:
-        micro_batch = micro_batch.to(self.device, non_blocking=True)
-        with autocast(self.device, self.spec.precision):
-            logits = self.model(micro_batch[:, :-1])
-        return token_loss(logits, micro_batch[:, 1:])
+        return forward_loss(self.model, micro_batch, self.device, self.spec.precision)
 
     def train_step(self, batch: torch.Tensor) -> StepResult:
         self.model.train()

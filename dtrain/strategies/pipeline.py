@@ -45,7 +45,7 @@ from dtrain.parallel.pipeline import (
     stages_per_rank,
 )
 from dtrain.strategies.base import OptimizerFactory, StepResult, StepSpec
-from dtrain.strategies.layout import common_problems, resolve_layout
+from dtrain.strategies.layout import common_problems, layout_data_parallel_size, resolve_layout
 from dtrain.strategies.native import autocast, token_loss
 from dtrain.strategies.sharded import model_problems, parallelize
 from dtrain.strategies.state import get_model_optim_state, set_model_optim_state
@@ -126,10 +126,7 @@ class PipelineStrategy:
             return []
         return model_problems(cfg, dims) + pipeline_problems(cfg, dims)
 
-    @staticmethod
-    def data_parallel_size(name: str, cfg: DictConfig, world_size: int) -> int | None:
-        dims, problems = resolve_layout(name, cfg, world_size)
-        return None if problems else dims.dp
+    data_parallel_size = staticmethod(layout_data_parallel_size)
 
     @property
     def dp_rank(self) -> int:

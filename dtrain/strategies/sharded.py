@@ -28,8 +28,8 @@ from dtrain.parallel.fsdp import apply_fsdp, mixed_precision, reshard
 from dtrain.parallel.grad_norm import clip_grad_norm
 from dtrain.parallel.materialize import materialize
 from dtrain.strategies.base import OptimizerFactory, StepResult, StepSpec
-from dtrain.strategies.layout import common_problems, resolve_layout
-from dtrain.strategies.native import autocast, split_micro_batches, token_loss
+from dtrain.strategies.layout import common_problems, layout_data_parallel_size, resolve_layout
+from dtrain.strategies.native import forward_loss, split_micro_batches
 from dtrain.strategies.state import get_model_optim_state, set_model_optim_state
 
 
@@ -90,10 +90,7 @@ class ShardedStrategy:
         dims, problems = resolve_layout(name, cfg.strategy, world_size)
         return [] if problems else model_problems(cfg, dims)
 
-    @staticmethod
-    def data_parallel_size(name: str, cfg: DictConfig, world_size: int) -> int | None:
-        dims, problems = resolve_layout(name, cfg, world_size)
-        return None if problems else dims.dp
+    data_parallel_size = staticmethod(layout_data_parallel_size)
 
     @property
     def dp_rank(self) -> int:
@@ -115,10 +112,7 @@ class ShardedStrategy:
         self._optimizer = build_optimizer(self.model.named_parameters())
 
     def _forward_loss(self, micro_batch: torch.Tensor) -> torch.Tensor:
-        micro_batch = micro_batch.to(self.device, non_blocking=True)
-        with autocast(self.device, self.spec.precision):
-            logits = self.model(micro_batch[:, :-1])
-        return token_loss(logits, micro_batch[:, 1:])
+        return forward_loss(self.model, micro_batch, self.device, self.spec.precision)
 
     def train_step(self, batch: torch.Tensor) -> StepResult:
         self.model.train()
