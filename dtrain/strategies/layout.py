@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from dtrain.distributed.env import DistEnv
 from dtrain.distributed.parallel_dims import ParallelDims, resolve_degrees
 from dtrain.parallel.activation_checkpoint import AC_MODES
 from dtrain.parallel.fsdp import DTYPES
@@ -49,10 +50,27 @@ def resolve_layout(name: str, cfg: DictConfig, world_size: int) -> tuple[Paralle
     return ParallelDims(**resolved), []
 
 
-def layout_data_parallel_size(name: str, cfg: DictConfig, world_size: int) -> int | None:
-    """Replicas the batch is split over (dp_replicate x dp_shard); None when the layout does not resolve."""
-    dims, problems = resolve_layout(name, cfg, world_size)
-    return None if problems else dims.dp
+class MeshDataParallel:
+    """``data_parallel_size``, ``dp_rank`` and ``dp_size`` of a strategy laid out by ``self.dims``.
+
+    The batch is split over dp_replicate x dp_shard only; TP and PP peers of a rank read its slice.
+    """
+
+    dims: ParallelDims
+    env: DistEnv
+
+    @staticmethod
+    def data_parallel_size(name: str, cfg: DictConfig, world_size: int) -> int | None:
+        dims, problems = resolve_layout(name, cfg, world_size)
+        return None if problems else dims.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.dp_rank(self.env.rank)
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
 
 
 def common_problems(cfg: DictConfig) -> list[str]:

@@ -7,7 +7,7 @@ each with gradient sync only on the last, clip the global gradient norm, step, z
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,24 @@ def split_micro_batches(batch: torch.Tensor, micro_batch_size: int) -> list[torc
     if batch.shape[0] % micro_batch_size:
         raise ValueError(f"local batch {batch.shape[0]} is not a multiple of micro batch {micro_batch_size}")
     return list(batch.split(micro_batch_size))
+
+
+def accumulate_gradients(loss_of: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, micro_batch_size: int,
+                         sync_gradients: Callable[[bool], contextlib.AbstractContextManager],
+                         device: torch.device) -> torch.Tensor:
+    """Forward and backward over one step's micro-batches, syncing gradients only after the last one.
+
+    Returns this rank's mean loss; ``sync_gradients(is_last)`` is the wrapper's switch (DDP's
+    ``no_sync``, FSDP's ``set_requires_gradient_sync``).
+    """
+    micro_batches = split_micro_batches(batch, micro_batch_size)
+    loss_sum = torch.zeros((), device=device)
+    for index, micro_batch in enumerate(micro_batches):
+        with sync_gradients(index == len(micro_batches) - 1):
+            loss = loss_of(micro_batch)
+            (loss / len(micro_batches)).backward()
+        loss_sum += loss.detach()
+    return loss_sum / len(micro_batches)
 
 
 class NativeStrategy:
@@ -104,18 +122,13 @@ class NativeStrategy:
 
     def train_step(self, batch: torch.Tensor) -> StepResult:
         self.model.train()
-        micro_batches = split_micro_batches(batch, self.spec.micro_batch_size)
-        loss_sum = torch.zeros((), device=self.device)
-        for index, micro_batch in enumerate(micro_batches):
-            with self._sync_gradients(index == len(micro_batches) - 1):
-                loss = self._forward_loss(micro_batch)
-                (loss / len(micro_batches)).backward()
-            loss_sum += loss.detach()
+        loss = accumulate_gradients(self._forward_loss, batch, self.spec.micro_batch_size, self._sync_gradients,
+                                    self.device)
         max_norm = self.spec.grad_clip if self.spec.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=collectives.all_reduce_mean(loss_sum / len(micro_batches)), grad_norm=grad_norm)
+        return StepResult(loss=collectives.all_reduce_mean(loss), grad_norm=grad_norm)
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:

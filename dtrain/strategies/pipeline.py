@@ -45,7 +45,7 @@ from dtrain.parallel.pipeline import (
     stages_per_rank,
 )
 from dtrain.strategies.base import OptimizerFactory, StepResult, StepSpec
-from dtrain.strategies.layout import common_problems, layout_data_parallel_size, resolve_layout
+from dtrain.strategies.layout import MeshDataParallel, common_problems, resolve_layout
 from dtrain.strategies.native import autocast, token_loss
 from dtrain.strategies.sharded import model_problems, parallelize
 from dtrain.strategies.state import get_model_optim_state, set_model_optim_state
@@ -88,7 +88,7 @@ def pipeline_problems(cfg: DictConfig, dims: ParallelDims) -> list[str]:
     return problems
 
 
-class PipelineStrategy:
+class PipelineStrategy(MeshDataParallel):
     """Pipeline stages over the ``pp`` mesh dimension, each optionally FSDP- and TP-sharded."""
 
     def __init__(self, name: str, cfg: DictConfig, spec: StepSpec, env: DistEnv, device: torch.device):
@@ -125,16 +125,6 @@ class PipelineStrategy:
         if problems or canonical_schedule(cfg.strategy.pp_schedule) is None:
             return []
         return model_problems(cfg, dims) + pipeline_problems(cfg, dims)
-
-    data_parallel_size = staticmethod(layout_data_parallel_size)
-
-    @property
-    def dp_rank(self) -> int:
-        return self.dims.dp_rank(self.env.rank)
-
-    @property
-    def dp_size(self) -> int:
-        return self.dims.dp
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

@@ -9,6 +9,7 @@ over all shards, step.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -28,8 +29,8 @@ from dtrain.parallel.fsdp import apply_fsdp, mixed_precision, reshard
 from dtrain.parallel.grad_norm import clip_grad_norm
 from dtrain.parallel.materialize import materialize
 from dtrain.strategies.base import OptimizerFactory, StepResult, StepSpec
-from dtrain.strategies.layout import common_problems, layout_data_parallel_size, resolve_layout
-from dtrain.strategies.native import forward_loss, split_micro_batches
+from dtrain.strategies.layout import MeshDataParallel, common_problems, resolve_layout
+from dtrain.strategies.native import accumulate_gradients, forward_loss, split_micro_batches
 from dtrain.strategies.state import get_model_optim_state, set_model_optim_state
 
 
@@ -68,7 +69,7 @@ def model_problems(cfg: DictConfig, dims: ParallelDims) -> list[str]:
     return problems
 
 
-class ShardedStrategy:
+class ShardedStrategy(MeshDataParallel):
     """FSDP2 and/or DTensor tensor parallelism over one DeviceMesh (see module docstring)."""
 
     def __init__(self, name: str, cfg: DictConfig, spec: StepSpec, env: DistEnv, device: torch.device):
@@ -90,16 +91,6 @@ class ShardedStrategy:
         dims, problems = resolve_layout(name, cfg.strategy, world_size)
         return [] if problems else model_problems(cfg, dims)
 
-    data_parallel_size = staticmethod(layout_data_parallel_size)
-
-    @property
-    def dp_rank(self) -> int:
-        return self.dims.dp_rank(self.env.rank)
-
-    @property
-    def dp_size(self) -> int:
-        return self.dims.dp
-
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         assert self._optimizer is not None, "setup() first"
@@ -114,23 +105,22 @@ class ShardedStrategy:
     def _forward_loss(self, micro_batch: torch.Tensor) -> torch.Tensor:
         return forward_loss(self.model, micro_batch, self.device, self.spec.precision)
 
+    def _sync_gradients(self, enabled: bool) -> contextlib.AbstractContextManager:
+        if isinstance(self.model, FSDPModule):
+            # reduce-scatter gradients once per step, after the last micro-batch, not after each
+            self.model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
     def train_step(self, batch: torch.Tensor) -> StepResult:
         self.model.train()
-        micro_batches = split_micro_batches(batch, self.spec.micro_batch_size)
-        loss_sum = torch.zeros((), device=self.device)
-        for index, micro_batch in enumerate(micro_batches):
-            if isinstance(self.model, FSDPModule):
-                # reduce-scatter gradients once per step, after the last micro-batch, not after each
-                self.model.set_requires_gradient_sync(index == len(micro_batches) - 1)
-            loss = self._forward_loss(micro_batch)
-            (loss / len(micro_batches)).backward()
-            loss_sum += loss.detach()
+        loss = accumulate_gradients(self._forward_loss, batch, self.spec.micro_batch_size, self._sync_gradients,
+                                    self.device)
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.spec.grad_clip,
                                    plain_replicas=self.dims.world_size)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # tensor-parallel peers hold equal losses, so the world mean is the data-parallel mean
-        return StepResult(loss=collectives.all_reduce_mean(loss_sum / len(micro_batches)), grad_norm=grad_norm)
+        return StepResult(loss=collectives.all_reduce_mean(loss), grad_norm=grad_norm)
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
