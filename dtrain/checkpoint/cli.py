@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from dtrain.checkpoint.manifest import ManifestError, parse_step, read_manifest, verify_files
+from dtrain.checkpoint.manifest import Manifest, ManifestError, parse_step, read_manifest, verify_files
 from dtrain.checkpoint.storage import Storage, StorageError
 
 EXIT_BAD = 1
@@ -33,6 +33,15 @@ def _split_step(uri: str) -> tuple[str, str | None]:
     """``s3://b/run/step_00000100`` -> (``s3://b/run``, ``step_00000100``); a root URI -> (uri, None)."""
     parent, _, name = uri.rstrip("/").rpartition("/")
     return (parent, name) if parse_step(name) is not None else (uri.rstrip("/"), None)
+
+
+def _open_step(args: argparse.Namespace, command: str) -> tuple[Storage, str, Manifest]:
+    """The storage, step folder name and manifest of a command that works on one step."""
+    root, step = _split_step(args.uri)
+    if step is None:
+        raise SystemExit(f"dtrain ckpt {command}: give the URI of one step folder (…/step_XXXXXXXX)")
+    storage = Storage(root, _options(args.option))
+    return storage, step, read_manifest(storage, step)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -82,11 +91,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    root, step = _split_step(args.uri)
-    if step is None:
-        raise SystemExit("dtrain ckpt inspect: give the URI of one step folder (…/step_XXXXXXXX)")
-    storage = Storage(root, _options(args.option))
-    manifest = read_manifest(storage, step)
+    storage, step, manifest = _open_step(args, "inspect")
     print(f"{storage.url(step)}")
     print(f"  step {manifest.step} | world size {manifest.world_size} | strategy {manifest.strategy} | "
           f"config hash {manifest.config_hash} | saved in {manifest.save_seconds:.2f} s | "
@@ -130,11 +135,7 @@ def load_model_weights(storage: Storage, step: str) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    root, step = _split_step(args.uri)
-    if step is None:
-        raise SystemExit("dtrain ckpt export: give the URI of one step folder (…/step_XXXXXXXX)")
-    storage = Storage(root, _options(args.option))
-    manifest = read_manifest(storage, step)
+    storage, step, manifest = _open_step(args, "export")
     problems = verify_files(storage, step, manifest.files, checksums=True)
     if problems:
         print(f"refusing to export {storage.url(step)}: " + "; ".join(problems), file=sys.stderr)
