@@ -5,13 +5,22 @@ from __future__ import annotations
 import logging
 import sys
 
+from dtrain.config.secrets import redact_text
 from dtrain.distributed.env import DistEnv
+
+
+class RedactingFormatter(logging.Formatter):
+    """Every line dtrain logs, exception text included, with credentials masked: messages quote storage
+    URLs (``s3://user:pass@host``) and options, and a formatter sees the finished line whatever logged it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
 
 
 def setup_logging(env: DistEnv, level: str = "INFO") -> None:
     prefix = f"[rank{env.rank}] " if env.world_size > 1 else ""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(RedactingFormatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger("dtrain")
     root.handlers[:] = [handler]
     root.propagate = False

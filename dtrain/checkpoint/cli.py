@@ -15,8 +15,14 @@ from typing import Any, Sequence
 
 from dtrain.checkpoint.manifest import Manifest, ManifestError, parse_step, read_manifest, verify_files
 from dtrain.checkpoint.storage import Storage, StorageError
+from dtrain.config.secrets import redact_text
 
 EXIT_BAD = 1
+
+
+def _say(text: str, file=None) -> None:
+    """Print with credentials masked: lines quote URIs (``s3://user:pass@host``) and config values."""
+    print(redact_text(text), file=file)
 
 
 def _options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -57,11 +63,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         except ManifestError as e:
             rows.append((name, "INCOMPLETE", "-", "-", "-", str(e).split(": ", 1)[-1][:60]))
     if not rows:
-        print(f"no checkpoint steps under {storage.uri}")
+        _say(f"no checkpoint steps under {storage.uri}")
         return 0
     print(f"{'step':<15} {'state':<11} {'world':>5} {'strategy':<9} {'size':>10}  saved")
     for row in rows:
-        print(f"{row[0]:<15} {row[1]:<11} {row[2]!s:>5} {row[3]:<9} {row[4]:>10}  {row[5]}")
+        _say(f"{row[0]:<15} {row[1]:<11} {row[2]!s:>5} {row[3]:<9} {row[4]:>10}  {row[5]}")
     return 0
 
 
@@ -70,7 +76,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     storage = Storage(root, _options(args.option))
     names = [step] if step else [n for n in storage.listdir() if parse_step(n) is not None]
     if not names:
-        print(f"no checkpoint steps under {storage.uri}")
+        _say(f"no checkpoint steps under {storage.uri}")
         return EXIT_BAD
     failed = 0
     for name in names:
@@ -81,9 +87,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             problems = [str(e)]
         if problems:
             failed += 1
-            print(f"FAIL {storage.url(name)}: " + "; ".join(problems))
+            _say(f"FAIL {storage.url(name)}: " + "; ".join(problems))
         else:
-            print(f"OK   {storage.url(name)} ({len(manifest.files)} files, {manifest.total_bytes / 1e6:.1f} MB, "
+            _say(f"OK   {storage.url(name)} ({len(manifest.files)} files, {manifest.total_bytes / 1e6:.1f} MB, "
                   f"{'sizes' if args.sizes_only else 'sizes and CRC32C'} verified)")
     return EXIT_BAD if failed else 0
 
@@ -92,7 +98,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     storage, step, manifest = _open_step(args, "inspect")
-    print(f"{storage.url(step)}")
+    _say(storage.url(step))
     print(f"  step {manifest.step} | world size {manifest.world_size} | strategy {manifest.strategy} | "
           f"config hash {manifest.config_hash} | saved in {manifest.save_seconds:.2f} s | "
           f"{manifest.total_bytes / 1e6:.1f} MB")
@@ -103,15 +109,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{trainer_state['scheduler'].get('_last_lr')}")
     if args.overrides is not None:
         from dtrain.config.compose import diff_keys
+        from dtrain.config.secrets import redacted_container
         from dtrain.config.validate import load_config
 
         saved = OmegaConf.create(storage.read_bytes(posixpath.join(step, "config.yaml")).decode())
-        current = load_config(args.overrides, manifest.world_size)
+        # the saved config is redacted; redact the current one too, so a current secret is never printed
+        current = OmegaConf.create(redacted_container(load_config(args.overrides, manifest.world_size)))
         ignored = ("run.", "checkpoint.", "logging.")
         differing = [k for k in diff_keys(saved, current) if not k.startswith(ignored)]
-        print(f"  config diff against `{' '.join(args.overrides)}` ({len(differing)} keys):")
+        _say(f"  config diff against `{' '.join(args.overrides)}` ({len(differing)} keys):")
         for key in differing:
-            print(f"    {key}: {OmegaConf.select(saved, key)} (checkpoint) -> {OmegaConf.select(current, key)}")
+            _say(f"    {key}: {OmegaConf.select(saved, key)} (checkpoint) -> {OmegaConf.select(current, key)}")
     return 0
 
 
@@ -138,7 +146,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     storage, step, manifest = _open_step(args, "export")
     problems = verify_files(storage, step, manifest.files, checksums=True)
     if problems:
-        print(f"refusing to export {storage.url(step)}: " + "; ".join(problems), file=sys.stderr)
+        _say(f"refusing to export {storage.url(step)}: " + "; ".join(problems), file=sys.stderr)
         return EXIT_BAD
     weights = {k: v.detach().contiguous().clone() for k, v in load_model_weights(storage, step).items()
                if isinstance(v, torch.Tensor)}
@@ -190,8 +198,8 @@ def main(argv: Sequence[str]) -> int:
     try:
         return args.fn(args)
     except (StorageError, ManifestError) as e:
-        print(f"dtrain ckpt: {e}", file=sys.stderr)
+        _say(f"dtrain ckpt: {e}", file=sys.stderr)
         return EXIT_BAD
     except FileNotFoundError as e:
-        print(f"dtrain ckpt: not found: {e}", file=sys.stderr)
+        _say(f"dtrain ckpt: not found: {e}", file=sys.stderr)
         return EXIT_BAD

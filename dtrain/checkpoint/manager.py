@@ -33,7 +33,7 @@ from dtrain.checkpoint.dcp_io import (FileRecord, FsspecReader, HashingFsspecWri
 from dtrain.checkpoint.manifest import (MANIFEST, Manifest, ManifestError, parse_step, read_manifest, step_dir,
                                         verify_files)
 from dtrain.checkpoint.storage import Storage, StorageError
-from dtrain.config.compose import redacted_yaml
+from dtrain.config.secrets import redact, redacted_yaml
 from dtrain.config.errors import ConfigError
 from dtrain.distributed import collectives
 from dtrain.distributed.env import DistEnv
@@ -356,7 +356,9 @@ class CheckpointManager:
 
     def _check_compatible(self, saved: DictConfig, url: str) -> None:
         """A checkpoint of another model is a config error, reported before any tensor is read."""
-        problems = model_change_problems(saved.model, self.full_cfg.model)
+        # the saved config is redacted, so compare it with the redacted current one
+        current = redact(OmegaConf.to_container(self.full_cfg.model, resolve=True))
+        problems = model_change_problems(saved.model, current)
         if problems:
             raise ConfigError(f"cannot resume from {url}: {problems[0]} (or start a new run: a new "
                               "checkpoint.uri, or checkpoint.resume=never)")

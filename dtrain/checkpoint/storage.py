@@ -15,24 +15,26 @@ from typing import Any, Callable, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
+from dtrain.config.secrets import redact, redact_text
+
 T = TypeVar("T")
 
 # scheme -> the extra that installs its fsspec backend
 BACKEND_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
-SECRET_KEYS = ("key", "secret", "token", "password", "aws_secret_access_key", "aws_session_token", "credentials")
 
 
 class StorageError(RuntimeError):
-    """Storage is misconfigured or unreachable; the message says which and how to fix it."""
+    """Storage is misconfigured or unreachable; the message says which and how to fix it.
+
+    The message is redacted when the error is made: it quotes the URI, which may carry userinfo, and
+    the error may reach the user through any path (ConfigError, ``dtrain ckpt``, a log, a traceback)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact_text(message))
 
 
 class TransientStorageError(StorageError):
     """A failure worth retrying (timeouts, throttling, connection resets)."""
-
-
-def redact(options: dict[str, Any]) -> dict[str, Any]:
-    """Storage options safe to print: credentials replaced by ***."""
-    return {k: ("***" if any(s in k.lower() for s in SECRET_KEYS) else v) for k, v in options.items()}
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -66,7 +68,7 @@ class Storage:
             self.uri = self.root  # absolute, so every tool resolves it the same whatever its cwd
 
     def __repr__(self) -> str:
-        return f"Storage({self.uri!r}, options={redact(self.options)})"
+        return f"Storage({redact_text(self.uri)!r}, options={redact(self.options)})"
 
     # -- paths ---------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:

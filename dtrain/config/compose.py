@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dtrain.config.errors import ConfigError
 from dtrain.config.schema import register_schemas
+from dtrain.config.secrets import redact_override, redacted_container, redacted_yaml
 from dtrain.distributed.env import discover_env, run_id
 
 
@@ -116,8 +117,14 @@ def compose_config(overrides: Sequence[str]) -> tuple[DictConfig | None, list[st
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Short hash of the resolved config; equal on every rank of a healthy job."""
-    text = OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True)
+    """Short hash of the resolved config; equal on every rank of a healthy job.
+
+    Computed over the redacted config: the hash is printed, stored in every manifest and exported
+    with the weights, so it must not be a fingerprint of a credential (a short hash of a config that
+    differs from a known one only in a password lets anyone test guesses offline). The cost: ranks
+    that differ only in a credential pass the rank check.
+    """
+    text = OmegaConf.to_yaml(OmegaConf.create(redacted_container(cfg)), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -137,33 +144,9 @@ def _flatten(node: object, prefix: str = "") -> dict[str, object]:
     return {prefix.rstrip("."): node}
 
 
-def redacted_container(cfg: DictConfig) -> dict:
-    """The resolved config as plain data with storage credentials replaced by *** (safe to write or upload)."""
-    from dtrain.checkpoint.storage import redact
-
-    data = OmegaConf.to_container(cfg, resolve=True)
-    checkpoint = data.get("checkpoint") if isinstance(data, dict) else None
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("storage_options"), dict):
-        checkpoint["storage_options"] = redact(checkpoint["storage_options"])
-    return data
-
-
-def redacted_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(redacted_container(cfg)))
-
-
 def write_resolved(cfg: DictConfig, run_dir: str, overrides: Sequence[str]) -> None:
     """Keep what was run next to its results: the resolved config (credentials redacted) and the overrides."""
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(redacted_yaml(cfg))
     (path / "overrides.txt").write_text("".join(redact_override(o) + "\n" for o in overrides))
-
-
-def redact_override(override: str) -> str:
-    """``checkpoint.storage_options.secret=abc`` -> ``checkpoint.storage_options.secret=***``."""
-    from dtrain.checkpoint.storage import SECRET_KEYS
-
-    key, sep, _ = override.partition("=")
-    leaf = key.rsplit(".", 1)[-1].lower()
-    return f"{key}=***" if sep and any(s in leaf for s in SECRET_KEYS) else override

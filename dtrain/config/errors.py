@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dtrain.config.secrets import redact_text
+
 
 class ConfigError(ValueError):
     """Bad input that the user fixes by changing the config or the command line."""
 
     def __init__(self, message: str | list[str]):
-        self.problems = [message] if isinstance(message, str) else list(message)
+        # redacted here, once: messages quote values such as checkpoint.uri=s3://user:pass@host/...
+        self.problems = [redact_text(p) for p in ([message] if isinstance(message, str) else message)]
         super().__init__("; ".join(self.problems))
 
     def render(self) -> str:

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig
 
-from dtrain.config.compose import redacted_container
+from dtrain.config.secrets import redacted_container
 
 log = logging.getLogger(__name__)
 
