@@ -80,10 +80,6 @@ def cmd_train(overrides: Sequence[str]) -> int:
     from dtrain.distributed.process_group import destroy_process_group, init_process_group, pick_backend, pick_device
     from dtrain.trainer import Trainer
 
-    try:
-        write_bandwidth = preflight(cfg, env)
-    except ConfigError as e:
-        return _report(e, env)
     device = pick_device(cfg.trainer.device, env)
     if env.source == "torchrun":
         from dtrain.distributed.watchdog import watch_parent
@@ -93,6 +89,7 @@ def cmd_train(overrides: Sequence[str]) -> int:
         if cfg.strategy.name != "single":
             init_process_group(env, pick_backend(cfg.dist.backend, device), device, cfg.dist.timeout_s)
         _agree_on_config(cfg)
+        write_bandwidth = preflight(cfg, env)
         if env.is_rank_zero:
             write_resolved(cfg, cfg.run.dir, overrides)
         collectives.barrier()

@@ -44,14 +44,13 @@ def _rank_modules(cfg: DictConfig, dims: ParallelDims, rank: int) -> list[nn.Mod
     """The modules ``rank`` would hold, built on the meta device by the strategy's own plans, inside a
     fake process group of the full world size."""
     import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from dtrain.models import build_model
     from dtrain.models.gpt_plans import split_stage
     from dtrain.parallel.pipeline import stage_ids
     from dtrain.strategies.sharded import parallelize
 
-    dist.init_process_group("fake", rank=rank, world_size=dims.world_size, store=FakeStore())
+    dist.init_process_group("fake", rank=rank, world_size=dims.world_size)
     try:
         model = build_model(cfg.model, cfg.trainer.seed)
         if cfg.strategy.name in ("single", "ddp"):

@@ -14,8 +14,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (biases, norms and 1-D tensors are not decayed;
-    embeddings are matrices but GPT-2 practice decays them too, as nanoGPT does)."""
+    """AdamW with weight decay on every matrix, the embeddings included (GPT-2 and nanoGPT practice);
+    biases, norm weights and other 1-D tensors are not decayed."""
     decay, no_decay = [], []
     for _, param in named_params:
         if param.requires_grad:

@@ -70,8 +70,12 @@ class Trainer:
                  t.global_batch_size * cfg.data.seq_len, cfg.run.dir)
         checkpoints = CheckpointManager(cfg, env, config_hash(cfg), strategy.name)
         trainer = cls(cfg, env, device, strategy, scheduler, loader, val_set, build_loggers(cfg, env.is_rank_zero),
-                      flops, checkpoints, PreemptionWatcher(list(cfg.checkpoint.preemption_signals)))
-        trainer.resume()
+                      flops, checkpoints, PreemptionWatcher(list(cfg.checkpoint.preemption_signals), device))
+        try:
+            trainer.resume()
+        except BaseException:
+            checkpoints.close()  # releases the writer lease
+            raise
         trainer.warn_if_save_exceeds_grace(write_bandwidth)
         return trainer
 

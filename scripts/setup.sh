@@ -15,7 +15,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -c constraints.txt -e "$spec" 2>&1 | grep -v "^WARNING: Location" || true
+# pip's exit status decides (pipefail); the filter only drops a harmless warning about a local index
+quiet() { grep -v "^WARNING: Location" || true; }
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | quiet
+.venv/bin/python -m pip install -q -c constraints.txt -e "$spec" 2>&1 | quiet
 .venv/bin/python -c "import dtrain, torch; print(f'dtrain ready: torch {torch.__version__}')"
 echo "$want" > "$stamp"

@@ -158,3 +158,57 @@ def worker_pids(agent_pid: int) -> list[int]:
     """The torchrun agent's worker processes, in start order."""
     children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
     return sorted(int(pid) for pid in children)
+
+
+_NCCL_RULE = None
+
+
+def _called_from_dtrain() -> bool:
+    """Whether the code that called a tensor factory (the first frame outside this file) is dtrain's."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_filename.startswith(str(REPO / "dtrain") + os.sep)
+
+
+def nccl_device_rule() -> None:
+    """Make this process obey NCCL's device rule on a CPU-only machine.
+
+    On a GPU run the training device is ``cuda`` while a tensor dtrain creates without an explicit
+    device lands on the CPU, and NCCL refuses it in a collective ("No backend type associated with
+    device type cpu"). Here the training device is the CPU, so ``meta`` stands in for "not the training
+    device": a factory call made by dtrain's code without a device creates a meta tensor, and every
+    c10d collective on a meta tensor raises NCCL's error (c10d normally accepts meta tensors silently).
+    torch's own code keeps the CPU default, as it does on a GPU run.
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    global _NCCL_RULE
+    if _NCCL_RULE is not None:
+        return
+
+    def no_backend(*args, **kwargs):
+        raise RuntimeError("No backend type associated with device type meta (dtrain test: a collective tensor "
+                           "is not on the training device; NCCL refuses a CPU tensor the same way)")
+
+    library = torch.library.Library("c10d", "IMPL")
+    ops = sorted({name.split("::")[1].split(".")[0] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("c10d::")})
+    for op in ops:
+        if op != "check_for_nan":
+            library.impl(op, no_backend, "Meta")
+    factories = {torch.empty, torch.zeros, torch.ones, torch.full, torch.tensor, torch.as_tensor, torch.arange,
+                 torch.rand, torch.randn, torch.randint, torch.randperm, torch.eye, torch.linspace,
+                 torch.scalar_tensor, torch.empty_strided}
+
+    class DtrainDefaultDevice(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func in factories and kwargs.get("device") is None and _called_from_dtrain():
+                kwargs["device"] = "meta"
+            return func(*args, **kwargs)
+
+    mode = DtrainDefaultDevice()
+    mode.__enter__()
+    _NCCL_RULE = (library, mode)

@@ -5,8 +5,8 @@ CRC32C, not a cryptographic hash: the checksum guards against torn writes and fl
 rewrite shards can rewrite the manifest too), and at ~9 GB/s with SSE4.2 it costs a save almost nothing,
 where SHA-256 (~1 GB/s here) slowed saves by a fifth.
 
-DCP's fsspec writer lives in a private module (``torch.distributed.checkpoint._fsspec_filesystem``);
-this file is the only place that imports it, so a torch upgrade that moves it breaks one file.
+DCP's fsspec writer lives in a private module; it comes through ``dtrain.torch_private``, the one
+place private torch APIs enter (and a test watches them).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import crc32c
-from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
-
 from dtrain.checkpoint import failpoints
+from dtrain.torch_private import FsspecFileSystem as FileSystem
+from dtrain.torch_private import FsspecReader, FsspecWriter, stop_checkpoint_process
 
 __all__ = ["FileRecord", "HashingFsspecWriter", "FsspecReader", "checksum_of_stream", "crc32c_hex",
            "stop_checkpoint_process"]
@@ -137,14 +137,3 @@ def checksum_of_stream(stream: Any, chunk: int = 8 * 2**20) -> tuple[int, str]:
             return size, f"{crc:08x}"
         crc = crc32c.crc32c(block, crc)
         size += len(block)
-
-
-def stop_checkpoint_process() -> None:
-    """Stop DCP's background save process (``async_mode=process``) now, instead of at garbage collection,
-    which never comes when the launcher exits with ``os._exit``; the child would then die on a closed pipe."""
-    from torch.distributed.checkpoint import _async_process_executor as executor
-
-    process = getattr(executor, "_CHECKPOINT_PROCESS", None)
-    if process is not None:
-        executor._CHECKPOINT_PROCESS = None
-        del process  # its __del__ sends TERMINATE and joins the child

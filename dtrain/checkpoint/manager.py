@@ -1,9 +1,18 @@
 """When and how checkpoints are saved, committed, pruned and resumed.
 
 Save: every rank writes its DCP shards (plus its RNG state; rank 0 also the trainer state and the
-config) into ``step_<8 digits>/``, each file hashed while written; each rank then drops a small
-sidecar listing its files; rank 0 waits for all sidecars and writes ``manifest.json`` last. That
-write is the commit. Retention runs only after a commit and never touches the newest committed step.
+config) into ``step_<8 digits>/``, each file hashed while written and, on local disk, fsynced; the
+ranks' file lists are gathered to rank 0 (a collective, not polling the store), which makes the
+folder's entries durable and writes ``manifest.json`` last. That write is the commit. A step is
+skipped only when this process committed it (or verified it at resume); anything else found at a
+step about to be saved (debris, or a step that failed verification at resume) is replaced.
+
+One writer per URI: rank 0 holds a lease (dtrain.checkpoint.lease) and checks it before every save.
+Retention runs only after a commit, never touches the newest committed step, and counts toward
+``keep_last`` only committed steps of this run's lineage that did not fail verification.
+
+At scale, one rank reads: rank 0 lists the store, reads manifests, configs, trainer state and DCP's
+metadata, and broadcasts them; the ranks then verify the files' checksums in parallel, a slice each.
 
 Async: the shards are staged to host memory (the only part the loop waits for) and written by DCP in
 the background on a dedicated gloo group (gloo breaks when a background save shares the default group
@@ -18,6 +27,8 @@ import json
 import logging
 import posixpath
 import time
+import uuid
+from datetime import timedelta
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +41,10 @@ from omegaconf import DictConfig, OmegaConf
 from dtrain.checkpoint import failpoints
 from dtrain.checkpoint.dcp_io import (FileRecord, FsspecReader, HashingFsspecWriter, checksum_of_stream,
                                      crc32c_hex, stop_checkpoint_process)
+from dtrain.checkpoint.lease import WriterLease, this_writer
 from dtrain.checkpoint.manifest import (MANIFEST, Manifest, ManifestError, parse_step, read_manifest, step_dir,
                                         verify_files)
-from dtrain.checkpoint.storage import Storage, StorageError
+from dtrain.checkpoint.storage import Storage
 from dtrain.config.secrets import redact, redacted_yaml
 from dtrain.config.errors import ConfigError
 from dtrain.distributed import collectives
@@ -43,7 +55,6 @@ log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.yaml"
-SIDECARS = "_ranks"
 
 
 @dataclass
@@ -84,19 +95,41 @@ def resolve_resume_target(storage: Storage, resume: str) -> tuple[Storage, list[
     return Storage(parent, storage.options), [name]
 
 
-def committed_steps(storage: Storage) -> list[int]:
-    """Steps whose manifest exists and parses (without checking the files)."""
-    steps = []
+def step_manifests(storage: Storage) -> dict[int, Manifest | None]:
+    """Every step folder under ``storage``: its manifest, or None when it was never committed."""
+    found: dict[int, Manifest | None] = {}
     for name in storage.listdir():
         step = parse_step(name)
         if step is None:
             continue
         try:
-            read_manifest(storage, name)
-            steps.append(step)
+            found[step] = read_manifest(storage, name)
         except ManifestError:
-            continue
-    return sorted(steps)
+            found[step] = None
+    return dict(sorted(found.items()))
+
+
+def committed_steps(storage: Storage) -> list[int]:
+    """Steps whose manifest exists and parses (without checking the files)."""
+    return [step for step, manifest in step_manifests(storage).items() if manifest is not None]
+
+
+class _PreloadedReader(FsspecReader):
+    """DCP's reader with the checkpoint's metadata read once (by rank 0) and handed in, so that N ranks
+    do not each fetch and unpickle the same ``.metadata`` object."""
+
+    def __init__(self, url: str, metadata: Any, **options: Any):
+        super().__init__(url, **options)
+        self._metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        import copy
+
+        metadata = copy.copy(self._metadata)
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta = copy.copy(metadata.storage_meta)
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 class CheckpointManager:
@@ -112,7 +145,8 @@ class CheckpointManager:
         self._janitor = ThreadPoolExecutor(1, thread_name_prefix="dtrain-retention")
         self._retention: Future | None = None
         # a group of its own: background DCP collectives must not interleave with training's on gloo
-        self._group = dist.new_group(backend="gloo") if dist.is_initialized() and self._executor else None
+        self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.cfg.commit_timeout_s)) \
+            if dist.is_initialized() and self._executor else None
         # one stager for the whole run keeps its host copy of the state between saves: after the first save
         # the loop waits for a memcpy only, not for allocating (and faulting in) a fresh copy each time
         self._stager = None
@@ -125,6 +159,19 @@ class CheckpointManager:
                                                         use_async_staging=False, use_non_blocking_copy=False))
         self.last_save_seconds: float | None = None
         self._config_yaml = redacted_yaml(cfg).encode()  # written into every step; the config does not change
+        self._trusted: set[int] = set()  # steps this process committed, or verified at resume (rank 0)
+        self._corrupt: set[int] = set()  # committed steps that failed verification at resume (rank 0)
+        self.lineage = uuid.uuid4().hex[:12]  # replaced by the resumed step's lineage
+        self.lease: WriterLease | None = None
+        self.writer = collectives.on_rank_zero(self._acquire_lease)
+
+    def _acquire_lease(self) -> str:
+        """Rank 0 claims the URI for this run (see dtrain.checkpoint.lease); returns this writer's id."""
+        me = this_writer(self.env)
+        if self.cfg.lease_ttl_s > 0:
+            self.lease = WriterLease(self.storage, me, self.cfg.lease_ttl_s, wait_s=self.cfg.grace_period_s)
+            self.lease.acquire()
+        return me.writer
 
     # -- saving ----------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -135,15 +182,11 @@ class CheckpointManager:
         start = time.perf_counter()
         self.wait()
         name = step_dir(step)
-        # rank 0 commits, so only rank 0 knows for sure; everyone follows its answer
-        committed = self.storage.exists(posixpath.join(name, MANIFEST)) if self.env.is_rank_zero else None
-        if collectives.broadcast_object(committed):
-            log.info("step %d is already committed at %s; not saving it again", step, self.storage.url(name))
+        # rank 0 holds the lease and commits, so it decides; its answer is also the barrier that keeps
+        # everyone from writing into the folder while it is being cleared
+        if collectives.on_rank_zero(lambda: self._prepare_folder(step)) == "skip":
+            log.info("step %d was committed by this run already; not saving it again", step)
             return time.perf_counter() - start
-        if self.env.is_rank_zero and self.storage.exists(name):
-            log.info("removing debris of an interrupted save at %s before saving again", self.storage.url(name))
-            self.storage.remove(name, recursive=True)
-        collectives.barrier()  # nobody writes into the folder while it is being cleared
         failpoints.saving_step = step
         small_files = self._small_files(extras)
         writer = HashingFsspecWriter(self.storage.url(name), self.storage.options,
@@ -167,6 +210,24 @@ class CheckpointManager:
         log.info("checkpoint step %d: loop blocked %.3f s (%s)", step, blocked,
                  "async write continues" if self._pending is not None else "committed")
         return blocked
+
+    def _prepare_folder(self, step: int) -> str:
+        """Rank 0, before a save: "skip" if this process committed or verified the step, else "save" after
+        checking the lease and clearing whatever occupies the step's folder."""
+        if step in self._trusted:
+            return "skip"
+        if self.lease is not None:
+            self.lease.check()
+        name = step_dir(step)
+        if self.storage.exists(name):
+            committed = self.storage.exists(posixpath.join(name, MANIFEST))
+            why = ("it failed verification when this run resumed" if step in self._corrupt else
+                   "this run did not write it" if committed else "debris of an interrupted save")
+            log.warning("replacing %s before saving step %d: %s", self.storage.url(name), step, why)
+            self.storage.remove(posixpath.join(name, MANIFEST))  # uncommitted first, then deleted
+            self.storage.remove(name, recursive=True)
+            self._corrupt.discard(step)
+        return "save"
 
     def wait(self) -> None:
         """Block until the save in flight has finished; re-raise its failure on this rank."""
@@ -196,9 +257,14 @@ class CheckpointManager:
         collectives.barrier()
 
     def close(self) -> None:
-        self.wait()
-        self._wait_for_retention()
-        self._janitor.shutdown(wait=True)
+        try:
+            self.wait()
+        finally:
+            self._wait_for_retention()
+            self._janitor.shutdown(wait=True)
+            if self.lease is not None:
+                self.lease.release()
+                self.lease = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         if self._stager is not None:
@@ -221,25 +287,32 @@ class CheckpointManager:
     def _complete(self, name: str, step: int, writer: HashingFsspecWriter, small_files: dict[str, bytes],
                   upload: Future | None, start: float) -> None:
         for relative, data in small_files.items():
-            self.storage.write_bytes(posixpath.join(name, relative), data)
+            self.storage.write_bytes(posixpath.join(name, relative), data)  # fsynced on local disk
         if upload is not None:
             upload.result()
         records = dict(writer.records) or self._hash_written_back(name)  # process mode hashes in a child
         records.update({relative: _hashed(relative, data) for relative, data in small_files.items()})
-        sidecar = posixpath.join(name, SIDECARS, f"rank_{self.env.rank:05d}.json")
-        self.storage.write_bytes(sidecar, json.dumps(sorted(records.values(), key=lambda r: r["path"])).encode())
         failpoints.failpoint("after_shards", step)
-        if self.env.is_rank_zero:
-            files = self._gather_sidecars(name)
-            seconds = time.perf_counter() - start
-            manifest = Manifest(step=step, world_size=self.env.world_size, strategy=self.strategy_name,
-                                config_hash=self.config_hash, files=files, save_seconds=seconds,
-                                created_unix=time.time(), extra={"async_mode": self.async_mode})
-            self.storage.write_bytes(posixpath.join(name, MANIFEST), manifest.to_json())
-            self.last_save_seconds = seconds
-            log.info("committed %s (%.1f MB in %.2f s)", self.storage.url(name), manifest.total_bytes / 1e6, seconds)
-            self._wait_for_retention()
-            self._retention = self._janitor.submit(self._retain, step)
+        gathered = collectives.gather_object(sorted(records.values(), key=lambda r: r["path"]), group=self._group)
+        if not self.env.is_rank_zero:
+            return
+        files = sorted({record["path"]: record for rank_records in gathered for record in rank_records}.values(),
+                       key=lambda r: r["path"])
+        # every file's directory entry is durable before the manifest can point at it
+        for folder in (posixpath.join(name, "rng"), name, ""):
+            self.storage.sync_dir(folder)
+        seconds = time.perf_counter() - start
+        manifest = Manifest(step=step, world_size=self.env.world_size, strategy=self.strategy_name,
+                            config_hash=self.config_hash, files=files, save_seconds=seconds,
+                            created_unix=time.time(), writer=self.writer, lineage=self.lineage,
+                            extra={"async_mode": self.async_mode})
+        self.storage.write_bytes(posixpath.join(name, MANIFEST), manifest.to_json())
+        self.storage.sync_dir(name)  # and the manifest's own entry: now the step is committed
+        self._trusted.add(step)
+        self.last_save_seconds = seconds
+        log.info("committed %s (%.1f MB in %.2f s)", self.storage.url(name), manifest.total_bytes / 1e6, seconds)
+        self._wait_for_retention()
+        self._retention = self._janitor.submit(self._retain, step)
 
     def _hash_written_back(self, name: str) -> dict[str, FileRecord]:
         """Checksums of this rank's DCP files by reading them back (when a child process wrote them)."""
@@ -252,42 +325,28 @@ class CheckpointManager:
                 records[file_name] = {"path": file_name, "size": size, "crc32c": digest}
         return records
 
-    def _gather_sidecars(self, name: str) -> list[FileRecord]:
-        deadline = time.monotonic() + self.cfg.commit_timeout_s
-        expected = [f"rank_{r:05d}.json" for r in range(self.env.world_size)]
-        while True:
-            present = set(self.storage.listdir(posixpath.join(name, SIDECARS)))
-            missing = [e for e in expected if e not in present]
-            if not missing:
-                break
-            if time.monotonic() > deadline:
-                raise StorageError(f"step {name} not committed: ranks {missing[:8]} never reported their files "
-                                   f"within checkpoint.commit_timeout_s={self.cfg.commit_timeout_s}")
-            time.sleep(0.05)
-        files: dict[str, FileRecord] = {}
-        for sidecar in expected:
-            for record in json.loads(self.storage.read_bytes(posixpath.join(name, SIDECARS, sidecar))):
-                files[record["path"]] = record
-        return sorted(files.values(), key=lambda r: r["path"])
-
     def _retain(self, newest: int) -> None:
-        """Keep the newest ``keep_last`` committed steps; delete older ones and debris of older failed saves.
-
-        Deleting a step removes its manifest first, so an interrupted deletion leaves debris, never a
-        committed step with missing files.
+        """Keep the newest ``keep_last`` committed steps of this run's lineage; delete its older ones and
+        debris of older failed saves. Steps of another lineage, and steps that failed verification, are
+        neither counted nor deleted (they are not this run's to judge). Deleting a step removes its
+        manifest first, so an interrupted deletion leaves debris, never a committed step with missing files.
         """
-        committed = committed_steps(self.storage)
-        keep = set(committed[-self.cfg.keep_last:]) | {newest}
-        for folder in self.storage.listdir():
-            step = parse_step(folder)
-            if step is None or step in keep or step > newest:
+        found = step_manifests(self.storage)
+        own = [step for step, m in found.items()
+               if m is not None and m.lineage == self.lineage and step not in self._corrupt and step <= newest]
+        keep = set(own[-self.cfg.keep_last:]) | {newest}
+        for step, manifest in found.items():
+            if step in keep or step > newest:
                 continue
-            if step in committed:
+            folder = step_dir(step)
+            if manifest is None:
+                log.info("retention: removing debris of an interrupted save at step %d", step)
+            elif step in own:
                 self.storage.remove(posixpath.join(folder, MANIFEST))
                 log.info("retention: removing committed step %d (keep_last=%d)", step, self.cfg.keep_last)
                 failpoints.failpoint("mid_retention", newest)
             else:
-                log.info("retention: removing debris of an interrupted save at step %d", step)
+                continue
             self.storage.remove(folder, recursive=True)
 
     # -- resuming --------------------------------------------------------------------------------------
@@ -296,56 +355,73 @@ class CheckpointManager:
         resume = str(self.cfg.resume)
         if resume == "never":
             return None
+        root, candidates, explicit = collectives.on_rank_zero(lambda: self._resume_plan(resume))
+        storage = self.storage if root is None else Storage(root, self.storage.options)
+        for name in candidates:
+            manifest, problem = self._check_step(storage, name)
+            if problem is None:
+                return self._load(storage, name, manifest, template)
+            if explicit:
+                raise ConfigError(f"cannot resume from {storage.url(name)}: {problem}")
+            log.warning("skipping %s: %s", storage.url(name), problem)
+            if manifest is not None and self.env.is_rank_zero and storage is self.storage:
+                self._corrupt.add(manifest.step)  # committed but broken: not counted, and replaced when reached
+        if explicit:
+            raise ConfigError(f"checkpoint.resume={resume}: no such step at {storage.url()}")
+        log.info("no committed checkpoint under %s; starting from step 0", self.storage.url())
+        return None
+
+    def _resume_plan(self, resume: str) -> tuple[str | None, list[str], bool]:
+        """Rank 0: where to look (None: checkpoint.uri) and which step folders to try, newest first."""
         if resume not in ("auto",) and not resume.isdigit() and committed_steps(self.storage):
             # a requeued run that started from another run's checkpoint continues from its own steps
             log.info("checkpoint.uri already holds this run's committed steps; resuming the newest of them "
                      "instead of %s", resume)
             resume = "auto"
         storage, candidates = resolve_resume_target(self.storage, resume)
-        candidates = collectives.broadcast_object(candidates)  # everyone tries the same steps in order
-        explicit = resume != "auto"
-        for name in candidates:
-            problem = self._check_step(storage, name)
-            if problem is not None:
-                if explicit:
-                    raise ConfigError(f"cannot resume from {storage.url(name)}: {problem}")
-                log.warning("skipping %s: %s", storage.url(name), problem)
-                continue
-            return self._load(storage, name, template)
-        if explicit:
-            raise ConfigError(f"checkpoint.resume={resume}: no such step at {storage.url()}")
-        log.info("no committed checkpoint under %s; starting from step 0", self.storage.url())
-        return None
+        return (None if storage is self.storage else storage.uri), candidates, resume != "auto"
 
-    def _check_step(self, storage: Storage, name: str) -> str | None:
-        """Why this step cannot be loaded, or None. Checksum work is split across the ranks."""
-        problem = None
-        try:
-            manifest = read_manifest(storage, name)
-            mine = manifest.files[self.env.rank::self.env.world_size]
-            problems = verify_files(storage, name, mine, checksums=self.cfg.verify_checksums)
-            problem = "; ".join(problems[:3]) if problems else None
-        except ManifestError as e:
-            problem = str(e)
-        reports = [p for p in collectives.all_gather_object(problem) if p]
-        return "; ".join(reports) if reports else None
+    def _check_step(self, storage: Storage, name: str) -> tuple[Manifest | None, str | None]:
+        """(manifest, why this step cannot be loaded or None). Rank 0 reads the manifest; every rank
+        checks a slice of the files (sizes, and checksums unless switched off)."""
+        def read() -> tuple[Manifest | None, str | None]:
+            try:
+                return read_manifest(storage, name), None
+            except ManifestError as e:
+                return None, str(e)
 
-    def _load(self, storage: Storage, name: str, template: dict[str, Any]) -> Restored:
+        manifest, problem = collectives.on_rank_zero(read)
+        if manifest is None:
+            return None, problem
+        mine = manifest.files[self.env.rank::self.env.world_size]
+        problems = verify_files(storage, name, mine, checksums=self.cfg.verify_checksums)
+        reports = [p for p in collectives.all_gather_object("; ".join(problems[:3]) or None) if p]
+        return manifest, ("; ".join(reports) if reports else None)
+
+    def _load(self, storage: Storage, name: str, manifest: Manifest, template: dict[str, Any]) -> Restored:
         url = storage.url(name)
-        saved_cfg = OmegaConf.create(storage.read_bytes(posixpath.join(name, CONFIG)).decode())
-        self._check_compatible(saved_cfg, url)
-        reader = FsspecReader(url, **storage.options)
-        self._check_shapes(reader, template, url)
+
+        def read() -> tuple[str, bytes, Any]:
+            saved_cfg = storage.read_bytes(posixpath.join(name, CONFIG)).decode()
+            trainer_state = storage.read_bytes(posixpath.join(name, TRAINER_STATE))
+            return saved_cfg, trainer_state, FsspecReader(url, **storage.options).read_metadata()
+
+        saved_cfg, trainer_state, metadata = collectives.on_rank_zero(read)
+        self._check_compatible(OmegaConf.create(saved_cfg), url)
+        self._check_shapes(metadata, template, url)
         start = time.perf_counter()
-        dcp.load(template, storage_reader=reader, no_dist=not dist.is_initialized())
-        extras = json.loads(storage.read_bytes(posixpath.join(name, TRAINER_STATE)))
-        manifest = read_manifest(storage, name)
+        dcp.load(template, storage_reader=_PreloadedReader(url, metadata, **storage.options),
+                 no_dist=not dist.is_initialized())
+        extras = json.loads(trainer_state)
         if manifest.world_size == self.env.world_size:
             with storage.open(posixpath.join(name, f"rng/rank_{self.env.rank:05d}.pt")) as stream:
                 set_rng_state(torch.load(io.BytesIO(stream.read()), weights_only=True))
         else:
             # RNG streams cannot be split or merged across ranks: re-seed deterministically instead
             torch.manual_seed(self.full_cfg.trainer.seed * 100_003 + manifest.step * 1_009 + self.env.rank)
+        self.lineage = manifest.lineage
+        if storage is self.storage:
+            self._trusted.add(manifest.step)  # verified just now: saving it again would only risk it
         log.info("resumed from %s (step %d, saved by %d ranks with strategy %s) in %.2f s", url, manifest.step,
                  manifest.world_size, manifest.strategy, time.perf_counter() - start)
         if manifest.world_size != self.env.world_size:
@@ -363,9 +439,9 @@ class CheckpointManager:
             raise ConfigError(f"cannot resume from {url}: {problems[0]} (or start a new run: a new "
                               "checkpoint.uri, or checkpoint.resume=never)")
 
-    def _check_shapes(self, reader: FsspecReader, template: dict[str, Any], url: str) -> None:
+    def _check_shapes(self, metadata: Any, template: dict[str, Any], url: str) -> None:
         """Every entry this strategy needs must be in the checkpoint, with the same global shape."""
-        saved = reader.read_metadata().state_dict_metadata
+        saved = metadata.state_dict_metadata
         missing = checkpoint_mismatch(template, saved.keys())
         problems = [missing] if missing else []
         for key, value in template.get("model", {}).items():

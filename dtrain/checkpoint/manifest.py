@@ -42,6 +42,8 @@ class Manifest:
     files: list[dict[str, Any]]
     save_seconds: float = 0.0
     created_unix: float = 0.0
+    writer: str = ""  # the launch that committed it (see dtrain.checkpoint.lease)
+    lineage: str = ""  # one id for a run and every run that resumed from it: retention counts only these
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
 

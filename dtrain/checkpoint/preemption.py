@@ -2,7 +2,8 @@
 
 Doing the save inside the handler would run DCP collectives from a signal context on one rank while
 the others are mid-step; agreeing first (one small non-blocking all-reduce per step, overlapped with the
-step) keeps every rank in lockstep.
+step) keeps every rank in lockstep. The ballot lives on the training device: NCCL has no backend for
+CPU tensors, and on a GPU the vote is then one more tiny collective on the stream that is running anyway.
 Exit code ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "try again") tells Slurm / Kubernetes to requeue.
 """
 
@@ -30,11 +31,12 @@ class Preempted(Exception):
 
 
 class PreemptionWatcher:
-    def __init__(self, signal_names: list[str]):
+    def __init__(self, signal_names: list[str], device: torch.device | str = "cpu"):
         self.received: int | None = None
         self.received_at: float | None = None
+        self.device = torch.device(device)
         self._vote: dist.Work | None = None
-        self._ballot = torch.zeros(1, dtype=torch.int32)
+        self._ballot = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._previous: dict[int, object] = {}
         for name in signal_names:
             signum = getattr(signal, name)
@@ -63,7 +65,7 @@ class PreemptionWatcher:
         if self._vote is not None:
             self._vote.wait()
             decided = bool(self._ballot.item())
-        self._ballot = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        self._ballot = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
         self._vote = dist.all_reduce(self._ballot, op=dist.ReduceOp.MAX, async_op=True)
         return decided
 

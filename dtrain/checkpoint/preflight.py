@@ -1,25 +1,36 @@
-"""Storage and resume checks that run before any process group: bad input costs seconds, not a job."""
+"""Storage, resume and writer checks before any model is built: bad input costs seconds, not a job.
+
+Rank 0 alone probes the store, lists it, reads the manifests and looks for another live writer (at
+1024 ranks, 1024 listings of one bucket would be the expensive part); every rank gets its verdict.
+"""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from dtrain.checkpoint.lease import WriterLease, this_writer
 from dtrain.checkpoint.manager import committed_steps
 from dtrain.checkpoint.manifest import ManifestError, parse_step, read_manifest, step_dir
 from dtrain.checkpoint.storage import Storage, StorageError, describe_storage_error
 from dtrain.config.errors import ConfigError
+from dtrain.distributed import collectives
 from dtrain.distributed.env import DistEnv
 
 
 def preflight(cfg: DictConfig, env: DistEnv) -> float | None:
-    """Raise ConfigError when the checkpoint storage or ``checkpoint.resume`` cannot work.
+    """Raise ConfigError on every rank when the checkpoint storage, ``checkpoint.resume`` or the writer
+    lease cannot work (rank 0 checks; needs the process group when there are several ranks).
 
-    Returns the write bandwidth measured by the probe (local rank 0 of each node), else None.
+    Returns the write bandwidth the probe measured.
     """
+    return collectives.on_rank_zero(lambda: _check(cfg, env))
+
+
+def _check(cfg: DictConfig, env: DistEnv) -> float | None:
     c = cfg.checkpoint
     try:
         storage = Storage(c.uri, OmegaConf.to_container(c.storage_options, resolve=True))
-        bandwidth = storage.preflight() if env.local_rank == 0 else None
+        bandwidth = storage.preflight()
         committed = committed_steps(storage)
     except StorageError as e:
         raise ConfigError(str(e)) from None
@@ -48,4 +59,8 @@ def preflight(cfg: DictConfig, env: DistEnv) -> float | None:
             read_manifest(Storage(parent, storage.options), name)
         except (ManifestError, StorageError) as e:
             raise ConfigError(f"checkpoint.resume={resume}: {e}") from None
+    if c.lease_ttl_s > 0:
+        # wait for (or refuse) another live writer now, before the model is built; the checkpoint
+        # manager then takes the lease
+        WriterLease(storage, this_writer(env), c.lease_ttl_s, wait_s=c.grace_period_s).wait_for_others()
     return bandwidth

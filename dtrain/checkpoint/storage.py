@@ -7,6 +7,7 @@ made by writing a manifest last, never by moving folders.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import time
 import uuid
@@ -116,12 +117,34 @@ class Storage:
     def read_bytes(self, relative: str) -> bytes:
         return self._call("read", lambda: self.fs.cat_file(self.path(relative)))
 
+    @property
+    def has_directories(self) -> bool:
+        """Local disk has directories whose entries need their own fsync; object stores have none."""
+        return self.protocol in ("file", "local")
+
     def write_bytes(self, relative: str, data: bytes) -> None:
-        """One object written in one call (a single PUT on object stores)."""
-        parent = posixpath.dirname(self.path(relative))
-        if self.protocol in ("file", "local"):
-            self.fs.makedirs(parent, exist_ok=True)
-        self._call("write", lambda: self.fs.pipe_file(self.path(relative), data))
+        """One object written in one call (a single PUT on object stores). On local disk the file is
+        fsynced before this returns: a commit must never point at bytes still in the page cache."""
+        if not self.has_directories:
+            self._call("write", lambda: self.fs.pipe_file(self.path(relative), data))
+            return
+        path = self.path(relative)
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        with open(path, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+
+    def sync_dir(self, relative: str = "") -> None:
+        """Make a directory's entries durable (local disk; a no-op on object stores): the files created
+        in it, or the directory itself when called on its parent."""
+        if not self.has_directories:
+            return
+        fd = os.open(self.path(relative) if relative else self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def open(self, relative: str, mode: str = "rb"):
         return self.fs.open(self.path(relative), mode)

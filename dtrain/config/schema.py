@@ -52,7 +52,7 @@ class OptimConfig:
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    weight_decay: float = 0.1  # applied to matrices only, never to biases, norms or embeddings
+    weight_decay: float = 0.1  # on every 2-D weight, embeddings included (GPT-2/nanoGPT); never biases or norms
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
@@ -125,7 +125,10 @@ class CheckpointConfig:
     save_final: bool = True
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     grace_period_s: float = 30.0  # time between the signal and SIGKILL (torchrun, K8s and Slurm defaults: 30 s)
-    commit_timeout_s: float = 600.0
+    commit_timeout_s: float = 600.0  # how long ranks wait for each other to finish a background save
+    # one writer per URI: a lease not renewed for this long belongs to a dead job; 0 switches leases off
+    # (only for stores without consistent listings)
+    lease_ttl_s: float = 60.0
     write_threads: int = 4  # files per rank written (and hashed) in parallel
 
 

@@ -126,6 +126,8 @@ def check_checkpoint(cfg: DictConfig, world_size: int) -> list[str]:
         problems.append(f"checkpoint.write_threads={c.write_threads} must be >= 1")
     if c.grace_period_s <= 0:
         problems.append(f"checkpoint.grace_period_s={c.grace_period_s} must be positive")
+    if c.lease_ttl_s < 0:
+        problems.append(f"checkpoint.lease_ttl_s={c.lease_ttl_s} must be >= 0 (0 switches the writer lease off)")
     return problems
 
 

@@ -9,6 +9,7 @@ skipping or repeating a sample, and a 2-rank run sees exactly the batches of a 1
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Iterator
 
 import torch
@@ -17,20 +18,28 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """In a DataLoader worker: leave preemption to the trainer. torchrun and Kubernetes signal the
+    whole process group, so a worker that died of SIGTERM would crash the loop before the trainer
+    could save; the workers exit by themselves when the trainer process ends."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class EpochPermutation:
     """Seeded permutation of ``range(n)`` per epoch, caching the current one."""
 
     def __init__(self, n: int, seed: int, shuffle: bool = True):
         self.n, self.seed, self.shuffle = n, seed, shuffle
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64, device="cpu")
 
     def __call__(self, global_index: int) -> int:
         epoch, offset = divmod(global_index, self.n)
         if not self.shuffle:
             return offset
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
+            generator = torch.Generator("cpu").manual_seed(self.seed * 7919 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator, device="cpu")
         return int(self._perm[offset])
 
 
@@ -71,8 +80,13 @@ class ResumableLoader:
     def _make_iterator(self) -> Iterator[torch.Tensor]:
         sampler = RankSliceSampler(len(self.dataset), self.global_batch, self.dp_rank, self.dp_size,
                                    self.seed, self.next_sample)
+        # A generator of its own: creating a DataLoader iterator draws its workers' base seed from the
+        # global RNG otherwise, and a resumed run creates its iterator at another point of that stream
+        # than the uninterrupted run did, which would shift every dropout mask after a resume.
+        generator = torch.Generator("cpu").manual_seed(self.seed)
         return iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                               persistent_workers=False))
+                               persistent_workers=False, generator=generator,
+                               worker_init_fn=ignore_preemption_signals if self.num_workers else None))
 
     def __iter__(self) -> "ResumableLoader":
         return self
@@ -106,7 +120,7 @@ def eval_batches(dataset: Dataset, global_batch: int, dp_rank: int, dp_size: int
     n_steps = min(steps, len(dataset) // global_batch)
     sampler = RankSliceSampler(len(dataset), global_batch, dp_rank, dp_size, seed=0, start=0, shuffle=False,
                                steps=n_steps)
-    return iter(DataLoader(dataset, batch_sampler=sampler))
+    return iter(DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator("cpu").manual_seed(0)))
 
 
 def build_dataset(cfg: DictConfig, split: str) -> Dataset:

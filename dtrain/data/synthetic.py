@@ -16,5 +16,5 @@ class SyntheticTokens(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.offset + index)
-        return torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=generator)
+        generator = torch.Generator("cpu").manual_seed(self.offset + index)
+        return torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=generator, device="cpu")

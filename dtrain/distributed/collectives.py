@@ -6,10 +6,13 @@ The trainer calls these unconditionally; deciding "am I distributed?" happens he
 from __future__ import annotations
 
 import os
-from typing import Any
+import pickle
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
@@ -71,3 +74,37 @@ def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = N
 def barrier(group: dist.ProcessGroup | None = None) -> None:
     if _active(group):
         dist.barrier(group=group)
+
+
+def gather_object(obj: Any, dst: int = 0, group: dist.ProcessGroup | None = None) -> list[Any] | None:
+    """Every rank's ``obj`` on rank ``dst`` (in rank order); None elsewhere."""
+    if not _active(group):
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size(group) if rank(group) == dst else None
+    dist.gather_object(obj, out, dst=dst, group=group)
+    return out
+
+
+def on_rank_zero(fn: Callable[[], T], group: dist.ProcessGroup | None = None) -> T:
+    """Run ``fn`` on rank 0 only and hand every rank its result, or raise its exception on every rank.
+
+    For work that must not be repeated N times at scale (listing a bucket, reading manifests) but whose
+    outcome, an error included, every rank must act on in lockstep."""
+    outcome: tuple[str, Any] | None = None
+    if rank(group) == 0:
+        try:
+            outcome = ("ok", fn())
+        except Exception as e:
+            outcome = ("error", e if _picklable(e) else RuntimeError(f"{type(e).__name__}: {e}"))
+    outcome = broadcast_object(outcome, group=group)
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        pickle.loads(pickle.dumps(value))
+        return True
+    except Exception:
+        return False

@@ -15,8 +15,8 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from dtrain.torch_private import TorchDispatchMode, group_size_by_name, unbox_group
 
 # op name (without overload) -> (kind, which argument carries the payload)
 _COLLECTIVES: dict[str, tuple[str, int]] = {
@@ -54,18 +54,16 @@ def _nbytes(value: Any) -> int:
 def _group_size(args: tuple) -> int:
     """Size of the group a collective runs on: a boxed ProcessGroup (c10d ops) or a group name
     (functional collectives, whose name is their last string argument)."""
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
     for arg in args:
         if isinstance(arg, torch.ScriptObject):
             try:
-                return dist.ProcessGroup.unbox(arg).size()
+                return unbox_group(arg).size()
             except (RuntimeError, TypeError):
                 continue
     names = [a for a in args if isinstance(a, str)]
     if names:
         try:
-            return _resolve_process_group(names[-1]).size()
+            return group_size_by_name(names[-1])
         except (RuntimeError, ValueError):
             pass
     return 2
@@ -87,7 +85,7 @@ class CommCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = f"{func.namespace}.{func._opname}"
+        name = str(func.overloadpacket)  # "c10d.allreduce_"
         if name in _COLLECTIVES:
             kind, index = _COLLECTIVES[name]
             out = func(*args, **kwargs)

@@ -104,16 +104,17 @@ class GPT(nn.Module):
         Because it does not depend on how the parameter is sharded, every strategy starts from
         bit-identical weights, which is what makes loss parity between strategies testable.
         """
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        # computed on the CPU, explicitly: the value must not depend on the default device or its RNG
+        generator = torch.Generator("cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "bias":
-            return torch.zeros(shape)
+            return torch.zeros(shape, device="cpu")
         if ".ln_" in f".{name}" or name.startswith("ln_f"):
-            return torch.ones(shape)
+            return torch.ones(shape, device="cpu")
         std = 0.02
         if name.endswith("out_proj.weight") or name.endswith("fc_out.weight"):
             std = 0.02 / math.sqrt(2 * self.n_layer)  # GPT-2: scale residual projections by depth
-        return torch.randn(shape, generator=generator) * std
+        return torch.randn(shape, generator=generator, device="cpu") * std
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())

@@ -4,7 +4,8 @@ The model stays plain PyTorch; these functions act on its module tree before it 
 
 Tensor parallel (Megatron layout on DTensor):
   - ``wte`` vocab-parallel (rows sharded), ``lm_head`` column-parallel with the same row sharding, so a
-    tied embedding stays one shared ``Shard(0)`` parameter and the math is unchanged;
+    tied embedding stays one shared ``Shard(0)`` parameter and the math is unchanged; the logits stay a
+    vocabulary-sharded DTensor (the strategies compute the loss under ``loss_parallel``);
   - q/k/v and ``fc_in`` column-parallel, ``out_proj`` and ``fc_out`` row-parallel: one all-reduce (or a
     reduce-scatter under sequence parallelism) per attention and per MLP;
   - sequence parallelism: layer norms and the residual stream hold ``T/tp`` positions per rank; the
@@ -87,7 +88,9 @@ def apply_tp(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
             # split the summed embeddings along the sequence: a local slice of a replicated tensor
             plan["drop"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=seq)
     if model.lm_head is not None:
-        plan["lm_head"] = ColwiseParallel(input_layouts=hidden_layout, output_layouts=Replicate())
+        # logits stay sharded over the vocabulary (a DTensor): the loss runs under loss_parallel
+        plan["lm_head"] = ColwiseParallel(input_layouts=hidden_layout, output_layouts=Shard(-1),
+                                          use_local_output=False)
         plan["ln_f"] = SequenceParallel() if sequence_parallel else ReplicatedParams()
     parallelize_module(model, tp_mesh, plan)
     for block in model.blocks.values():

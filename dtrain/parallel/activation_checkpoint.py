@@ -3,17 +3,19 @@
 ``full``: a block keeps only its input; everything inside is recomputed in backward (about one extra
 forward). ``selective``: a block keeps the outputs of its matrix multiplies and attention and
 recomputes only the cheap element-wise ops (layer norm, GELU), saving most of the memory of those at a
-small recompute cost. Wrapping inserts ``_checkpoint_wrapped_module`` into parameter names;
-torch.distributed.checkpoint and ``materialize`` both strip it, so checkpoints keep their names.
+small recompute cost. The block's own ``forward`` is replaced by a checkpointed call of it (torch's
+public ``torch.utils.checkpoint``, non-reentrant), so no wrapper module enters the tree and parameter
+names, checkpoints and plans applied afterwards (compile, FSDP) see the same model.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 AC_MODES = ("none", "full", "selective")
 
@@ -44,5 +46,13 @@ def apply_ac(blocks: nn.ModuleDict, mode: str) -> None:
     if mode == "none":
         return
     kwargs = {"context_fn": _selective_context} if mode == "selective" else {}
-    for name in list(blocks.keys()):
-        blocks[name] = checkpoint_wrapper(blocks[name], **kwargs)
+    for block in blocks.values():
+        block.forward = _checkpointed(block.forward, kwargs)
+
+
+def _checkpointed(forward: Callable, kwargs: dict) -> Callable:
+    @functools.wraps(forward)
+    def run(*args, **inner):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs, **inner)
+
+    return run

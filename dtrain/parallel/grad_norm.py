@@ -21,6 +21,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 
 def _replicas(grad: torch.Tensor, plain_replicas: int) -> int:
@@ -48,36 +49,35 @@ def reduce_partial_grads(params: Iterable[torch.Tensor]) -> None:
 
 def global_grad_norm(params: Iterable[torch.Tensor], plain_replicas: int = 1,
                      group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """L2 norm of all gradients of all ranks of ``group`` (default: the world), a float32 scalar."""
+    """L2 norm of all gradients of all ranks of ``group`` (default: the world), a float32 scalar on the
+    gradients' device (NCCL needs it there)."""
+    params = list(params)
     by_weight: dict[int, list[torch.Tensor]] = {}
-    device = torch.device("cpu")
     for p in params:
         if p.grad is not None:
             by_weight.setdefault(_replicas(p.grad, plain_replicas), []).append(_local(p.grad))
-            device = p.grad.device  # collectives run where the gradients live (NCCL needs CUDA tensors)
+    device = _local(params[0]).device if params else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float32, device=device)
     for replicas, grads in by_weight.items():
-        squares = torch.stack(torch._foreach_norm(grads, 2.0)).float().square()
-        total = total + squares.sum() / replicas
+        total = total + get_total_norm(grads, 2.0).float().square() / replicas
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total.sqrt()
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, plain_replicas: int = 1) -> torch.Tensor:
-    """Scale gradients so their global norm is at most ``max_norm`` (<= 0: no clipping) with the same
-    coefficient as ``torch.nn.utils.clip_grad_norm_``; return the norm before clipping."""
+    """Scale gradients so their global norm is at most ``max_norm`` (<= 0: no clipping) with torch's own
+    ``clip_grads_with_norm_``; return the norm before clipping."""
     reduce_partial_grads(params)
     total = global_grad_norm(params, plain_replicas)
     if max_norm > 0:
-        coef = min(1.0, float(max_norm / (total + 1e-6)))
-        if coef < 1.0:
-            # foreach lists must not mix DTensors and plain tensors, nor DTensors of different meshes
-            groups: dict[object, list[torch.Tensor]] = {}
-            for p in params:
-                if p.grad is not None:
-                    key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-                    groups.setdefault(key, []).append(p.grad)
-            for grads in groups.values():
-                torch._foreach_mul_(grads, coef)
+        # one call per mesh: a foreach kernel cannot mix DTensors and plain tensors, nor meshes
+        groups: dict[object, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+        for mesh, members in groups.items():
+            norm = total if mesh is None else DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim,
+                                                                 run_check=False)
+            clip_grads_with_norm_(members, max_norm, norm)
     return total

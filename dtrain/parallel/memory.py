@@ -12,8 +12,8 @@ built-in GPT, per micro-batch (in elements, ``b`` sequences of ``s`` tokens, wid
   - ``full`` checkpointing: the block input only, plus one block recomputed during backward;
   - ``selective``: the matmul and attention outputs, not the element-wise ones (estimate only: the
     selective cache is invisible to autograd's saved-tensor hooks, so it is not measured);
-  - the head: final norm input and output, and the log-softmax over the vocabulary (full, because the
-    logits are all-gathered);
+  - the head: final norm input and output, and the log-softmax over this rank's share of the vocabulary
+    (the logits stay vocabulary-sharded under tensor parallelism: ``loss_parallel``);
   - micro-batches alive at once: 1 without pipelining (backward follows each forward), all of a round
     under GPipe, ``pp - r`` on pipeline rank ``r`` under 1F1B, the warm-up depth for the others
     (:func:`pipeline_in_flight`).
@@ -90,8 +90,8 @@ def activation_bytes(a: ActivationShape, include_recompute: bool = True) -> int:
     else:
         per_micro = a.layers * _block_elements(a)
     if a.has_head:
-        # final norm input and gathered output, its statistics, the full-vocabulary log-softmax
-        per_micro += tokens * (residual + h + a.vocab_size + (2 / t if sp else 2))
+        # final norm input and gathered output, its statistics, the log-softmax over V / t
+        per_micro += tokens * (residual + h + a.vocab_size / t + (2 / t if sp else 2))
     elements = per_micro * a.in_flight + recompute
     ids = tokens * 8 * a.in_flight if a.has_embedding else 0.0  # int64 token ids kept by the embedding
     return int(elements * a.element_bytes + ids)

@@ -114,11 +114,12 @@ _DTYPE_CODES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 def _send(tensor: torch.Tensor, dst: int, group) -> None:
+    """A header (dtype, rank, shape) then the tensor; both on the tensor's device (NCCL has no CPU backend)."""
     import torch.distributed as dist
 
-    header = torch.zeros(8, dtype=torch.int64)
+    header = torch.zeros(8, dtype=torch.int64, device=tensor.device)
     header[0], header[1] = _DTYPE_CODES.index(tensor.dtype), tensor.dim()
-    header[2:2 + tensor.dim()] = torch.tensor(tensor.shape)
+    header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64, device=tensor.device)
     dist.send(header, group_dst=dst, group=group)
     dist.send(tensor.contiguous(), group_dst=dst, group=group)
 
@@ -126,10 +127,10 @@ def _send(tensor: torch.Tensor, dst: int, group) -> None:
 def _recv(src: int, group, device: torch.device) -> torch.Tensor:
     import torch.distributed as dist
 
-    header = torch.zeros(8, dtype=torch.int64)
+    header = torch.zeros(8, dtype=torch.int64, device=device)
     dist.recv(header, group_src=src, group=group)
-    shape = header[2:2 + int(header[1])].tolist()
-    tensor = torch.empty(shape, dtype=_DTYPE_CODES[int(header[0])], device=device)
+    code, ndim, *dims = header.tolist()
+    tensor = torch.empty(dims[:ndim], dtype=_DTYPE_CODES[code], device=device)
     dist.recv(tensor, group_src=src, group=group)
     return tensor
 
@@ -138,11 +139,12 @@ def _recv(src: int, group, device: torch.device) -> torch.Tensor:
 def forward_only(parts: dict[int, nn.Module], owners: list[int], pp_rank: int, group,
                  micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Sum of ``loss_fn`` over ``micro_batches`` (on the rank holding the last stage; 0 elsewhere),
-    running the stages one after the other with blocking sends: evaluation needs no overlap, and not
-    every schedule can run forward-only (torch's V schedules fail in ``eval``)."""
+    """Sum of ``loss_fn`` over ``micro_batches`` (on the rank holding the last stage; 0 elsewhere), on the
+    inputs' device, running the stages one after the other with blocking sends: evaluation needs no
+    overlap, and not every schedule can run forward-only (torch's V schedules fail in ``eval``)."""
     last = len(owners) - 1
-    total = torch.zeros(())
+    device = micro_batches[0][0].device
+    total = torch.zeros((), device=device)
     for inputs, targets in micro_batches:
         hidden = None
         for stage, owner in enumerate(owners):
@@ -151,10 +153,10 @@ def forward_only(parts: dict[int, nn.Module], owners: list[int], pp_rank: int, g
             if stage == 0:
                 hidden = inputs
             elif owners[stage - 1] != pp_rank:
-                hidden = _recv(owners[stage - 1], group, inputs.device)
+                hidden = _recv(owners[stage - 1], group, device)
             hidden = parts[stage](hidden)
             if stage == last:
-                total = total + loss_fn(hidden, targets).float().cpu()
+                total = total + loss_fn(hidden, targets).float()
             elif owners[stage + 1] != pp_rank:
                 _send(hidden, owners[stage + 1], group)
     return total

@@ -10,38 +10,25 @@ import contextlib
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dtrain.distributed import collectives
 from dtrain.distributed.env import DistEnv
 from dtrain.parallel.ddp import apply_ddp
 from dtrain.parallel.materialize import materialize
 from dtrain.strategies.base import OptimizerFactory, StepResult, StepSpec
+from dtrain.strategies.loss import (autocast, global_mean, global_target_count, gradient_scale, inputs_and_targets,
+                                    token_loss_sum)
 from dtrain.strategies.state import get_model_optim_state, set_model_optim_state
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy (float32 for a stable softmax under autocast)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
-
-
-def forward_loss(model: nn.Module, micro_batch: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
-    """Token loss of one ``[B, T+1]`` micro-batch: inputs are all but the last token, targets all but the first."""
-    micro_batch = micro_batch.to(device, non_blocking=True)
+def forward_loss_sum(model: nn.Module, micro_batch: torch.Tensor, device: torch.device,
+                     precision: str) -> torch.Tensor:
+    """Summed token loss of one ``[B, T+1]`` micro-batch (autocast around the forward only)."""
+    inputs, targets = inputs_and_targets(micro_batch.to(device, non_blocking=True))
     with autocast(device, precision):
-        logits = model(micro_batch[:, :-1])
-    return token_loss(logits, micro_batch[:, 1:])
+        logits = model(inputs)
+    return token_loss_sum(logits, targets)
 
 
 def split_micro_batches(batch: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:
@@ -50,22 +37,31 @@ def split_micro_batches(batch: torch.Tensor, micro_batch_size: int) -> list[torc
     return list(batch.split(micro_batch_size))
 
 
-def accumulate_gradients(loss_of: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, micro_batch_size: int,
-                         sync_gradients: Callable[[bool], contextlib.AbstractContextManager],
-                         device: torch.device) -> torch.Tensor:
+def accumulate_gradients(loss_sum_of: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
+                         micro_batch_size: int, sync_gradients: Callable[[bool], contextlib.AbstractContextManager],
+                         scale: torch.Tensor,
+                         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                         ) -> torch.Tensor:
     """Forward and backward over one step's micro-batches, syncing gradients only after the last one.
 
-    Returns this rank's mean loss; ``sync_gradients(is_last)`` is the wrapper's switch (DDP's
-    ``no_sync``, FSDP's ``set_requires_gradient_sync``).
+    ``loss_sum_of`` gives a micro-batch's summed token loss; it is backpropagated times ``scale`` (see
+    dtrain.strategies.loss). Returns this rank's loss sum. ``sync_gradients(is_last)`` is the wrapper's
+    switch (DDP's ``no_sync``, FSDP's ``set_requires_gradient_sync``); ``context`` wraps forward and
+    backward together (``loss_parallel`` for vocabulary-sharded logits).
     """
     micro_batches = split_micro_batches(batch, micro_batch_size)
-    loss_sum = torch.zeros((), device=device)
+    total = torch.zeros((), device=scale.device)
     for index, micro_batch in enumerate(micro_batches):
-        with sync_gradients(index == len(micro_batches) - 1):
-            loss = loss_of(micro_batch)
-            (loss / len(micro_batches)).backward()
-        loss_sum += loss.detach()
-    return loss_sum / len(micro_batches)
+        with sync_gradients(index == len(micro_batches) - 1), context():
+            loss_sum = loss_sum_of(micro_batch)
+            (loss_sum * scale).backward()
+        total += _local(loss_sum.detach())
+    return total
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor scalar (a loss under ``loss_parallel``) as a plain tensor."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 class NativeStrategy:
@@ -117,24 +113,28 @@ class NativeStrategy:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def _forward_loss(self, micro_batch: torch.Tensor) -> torch.Tensor:
-        return forward_loss(self.model, micro_batch, self.device, self.spec.precision)
+    def _loss_sum(self, micro_batch: torch.Tensor) -> torch.Tensor:
+        return forward_loss_sum(self.model, micro_batch, self.device, self.spec.precision)
 
     def train_step(self, batch: torch.Tensor) -> StepResult:
         self.model.train()
-        loss = accumulate_gradients(self._forward_loss, batch, self.spec.micro_batch_size, self._sync_gradients,
-                                    self.device)
+        batch = batch.to(self.device, non_blocking=True)
+        count = global_target_count(batch, self.dp_size)
+        loss_sum = accumulate_gradients(self._loss_sum, batch, self.spec.micro_batch_size, self._sync_gradients,
+                                        gradient_scale(count, self.dp_size))
         max_norm = self.spec.grad_clip if self.spec.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=collectives.all_reduce_mean(loss), grad_norm=grad_norm)
+        return StepResult(loss=global_mean(loss_sum, count, copies=1), grad_norm=grad_norm)
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        losses = [self._forward_loss(mb) for mb in split_micro_batches(batch, self.spec.micro_batch_size)]
-        return collectives.all_reduce_mean(torch.stack(losses).mean())
+        batch = batch.to(self.device, non_blocking=True)
+        count = global_target_count(batch, self.dp_size)
+        loss_sum = sum(self._loss_sum(mb) for mb in split_micro_batches(batch, self.spec.micro_batch_size))
+        return global_mean(loss_sum, count, copies=1)
 
     def _unwrapped(self) -> nn.Module:
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model

@@ -19,20 +19,23 @@ gives the untied model, and the parity tests compare it with an untied single-pr
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from dtrain.config.errors import ConfigError
-from dtrain.distributed import collectives
 from dtrain.distributed.env import DistEnv
 from dtrain.distributed.parallel_dims import ParallelDims
 from dtrain.models.gpt_plans import split_problems, split_stage, stage_layer_counts, stages_view
 from dtrain.parallel.fsdp import reshard
 from dtrain.parallel.grad_norm import clip_grad_norm
 from dtrain.parallel.materialize import materialize
+from dtrain.parallel.precision import apply_autocast
 from dtrain.parallel.pipeline import (
     SPLIT_BACKWARD,
     build_schedule,
@@ -46,7 +49,7 @@ from dtrain.parallel.pipeline import (
 )
 from dtrain.strategies.base import OptimizerFactory, StepResult, StepSpec
 from dtrain.strategies.layout import MeshDataParallel, common_problems, resolve_layout
-from dtrain.strategies.native import autocast, token_loss
+from dtrain.strategies.loss import global_mean, global_target_count, gradient_scale, inputs_and_targets, token_loss_sum
 from dtrain.strategies.sharded import model_problems, parallelize
 from dtrain.strategies.state import get_model_optim_state, set_model_optim_state
 
@@ -88,6 +91,10 @@ def pipeline_problems(cfg: DictConfig, dims: ParallelDims) -> list[str]:
     return problems
 
 
+def _full(value: torch.Tensor) -> torch.Tensor:
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 class PipelineStrategy(MeshDataParallel):
     """Pipeline stages over the ``pp`` mesh dimension, each optionally FSDP- and TP-sharded."""
 
@@ -111,6 +118,7 @@ class PipelineStrategy(MeshDataParallel):
         self._optimizer: torch.optim.Optimizer | None = None
         self._accumulation = 1  # micro-batches in a rank's share of the step
         self._microbatches = 1  # of which one schedule round pipelines this many
+        self._scale = torch.ones(())  # this step's gradient scale (dp / global target count)
 
     @staticmethod
     def check_config(name: str, cfg: DictConfig, world_size: int) -> list[str]:
@@ -138,6 +146,7 @@ class PipelineStrategy(MeshDataParallel):
         for stage in self.stage_ids:
             part = parallelize(split_stage(model, stage, counts), self.dims, self.mesh, self.cfg)
             materialize(part, self.device, self.spec.seed)
+            apply_autocast(part, self.device.type, self.spec.precision)
             self.parts.append(part)
         self.view = stages_view(self.parts)
         self._optimizer = build_optimizer(self.view.named_parameters())
@@ -150,48 +159,54 @@ class PipelineStrategy(MeshDataParallel):
         self.schedule = build_schedule(self.schedule_name, stages, self._microbatches, self._scaled_loss)
 
     def _scaled_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # each micro-batch's share of the step's mean loss, so gradients need no rescaling afterwards
-        return token_loss(logits, targets) / self._accumulation
+        """A micro-batch's loss sum times the step's gradient scale, so gradients need no rescaling
+        afterwards. No side effects: the schedule also calls it on placeholder tensors to infer shapes."""
+        return token_loss_sum(logits, targets) * self._scale
 
-    def _loss_share(self, loss: torch.Tensor) -> torch.Tensor:
-        """The step's mean loss on every rank: only last-stage ranks hold one, and their tp peers hold
-        equal ones, so each contributes 1/(dp x tp) of its own."""
-        share = 1.0 / (self.dims.dp * self.dims.tp) if self.has_last else 0.0
-        return collectives.all_reduce_sum(loss.to(self.device) * share)
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        """Vocabulary-sharded logits on the last stage (tp > 1): loss on the shards, forward and backward."""
+        return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
+
+    def _mean(self, loss_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Only last-stage ranks hold a loss sum, equal among their tensor-parallel peers."""
+        return global_mean(loss_sum if self.has_last else torch.zeros_like(loss_sum), count, copies=self.dims.tp)
 
     def train_step(self, batch: torch.Tensor) -> StepResult:
         for part in self.parts:
             part.train()
         batch = batch.to(self.device, non_blocking=True)
-        loss = torch.zeros((), device=self.device)
+        count = global_target_count(batch, self.dp_size)
+        self._scale = gradient_scale(count, self.dp_size)
+        scaled: list[torch.Tensor] = []  # the real micro-batches' scaled losses (last stage only)
         for round_batch in batch.chunk(self._accumulation // self._microbatches):
-            inputs, targets = round_batch[:, :-1], round_batch[:, 1:]
-            losses: list[torch.Tensor] = []
+            inputs, targets = inputs_and_targets(round_batch)
             args = (inputs,) if self.has_first else ()
-            with autocast(self.device, self.spec.precision):
+            losses: list[torch.Tensor] = []  # the schedule clears the list it is given
+            with self._loss_context():
                 self.schedule.step(*args, target=targets if self.has_last else None, losses=losses)
-            if self.has_last:
-                loss += torch.stack(losses).detach().sum()
+            scaled += losses
+        loss_sum = sum((_full(loss.detach()) for loss in scaled), torch.zeros((), device=self.device)) / self._scale
         # a plain (unsharded) parameter would be repeated on every rank of its stage
         grad_norm = clip_grad_norm(list(self.view.parameters()), self.spec.grad_clip,
                                    plain_replicas=self.dims.dp * self.dims.tp * self.dims.cp)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=self._loss_share(loss), grad_norm=grad_norm)
+        return StepResult(loss=self._mean(loss_sum, count), grad_norm=grad_norm)
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
         for part in self.parts:
             part.eval()
         batch = batch.to(self.device, non_blocking=True)
-        micro_batches = [(mb[:, :-1], mb[:, 1:]) for mb in batch.split(self.spec.micro_batch_size)]
+        count = global_target_count(batch, self.dp_size)
+        micro_batches = [inputs_and_targets(mb) for mb in batch.split(self.spec.micro_batch_size)]
         owners = stage_owners(self.dims.pp, self.per_rank, self.schedule_name)
-        with autocast(self.device, self.spec.precision):
-            loss = forward_only(dict(zip(self.stage_ids, self.parts)), owners, self.pp_rank,
-                                self.mesh["pp"].get_group(), micro_batches,
-                                lambda logits, targets: token_loss(logits, targets) / len(micro_batches))
+        with self._loss_context():
+            loss_sum = forward_only(dict(zip(self.stage_ids, self.parts)), owners, self.pp_rank,
+                                    self.mesh["pp"].get_group(), micro_batches,
+                                    lambda logits, targets: _full(token_loss_sum(logits, targets)))
         reshard(self.parts)
-        return self._loss_share(loss)
+        return self._mean(loss_sum, count)
 
     def state_dict(self) -> dict[str, Any]:
         return get_model_optim_state(self.view, self.optimizer)

@@ -17,9 +17,10 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from dtrain.config.errors import ConfigError
-from dtrain.distributed import collectives
 from dtrain.distributed.env import DistEnv
 from dtrain.distributed.parallel_dims import ParallelDims
 from dtrain.models.gpt_plans import apply_tp, tp_problems
@@ -30,7 +31,8 @@ from dtrain.parallel.grad_norm import clip_grad_norm
 from dtrain.parallel.materialize import materialize
 from dtrain.strategies.base import OptimizerFactory, StepResult, StepSpec
 from dtrain.strategies.layout import MeshDataParallel, common_problems, resolve_layout
-from dtrain.strategies.native import accumulate_gradients, forward_loss, split_micro_batches
+from dtrain.strategies.loss import global_mean, global_target_count, gradient_scale
+from dtrain.strategies.native import accumulate_gradients, forward_loss_sum, split_micro_batches
 from dtrain.strategies.state import get_model_optim_state, set_model_optim_state
 
 
@@ -69,6 +71,21 @@ def model_problems(cfg: DictConfig, dims: ParallelDims) -> list[str]:
     return problems
 
 
+def _full(value: torch.Tensor) -> torch.Tensor:
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+class GatheredLogits(nn.Module):
+    """A tensor-parallel model whose logits come back whole (for decoding text, not for training)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _full(self.model(tokens))
+
+
 class ShardedStrategy(MeshDataParallel):
     """FSDP2 and/or DTensor tensor parallelism over one DeviceMesh (see module docstring)."""
 
@@ -102,8 +119,13 @@ class ShardedStrategy(MeshDataParallel):
         materialize(self.model, self.device, self.spec.seed)
         self._optimizer = build_optimizer(self.model.named_parameters())
 
-    def _forward_loss(self, micro_batch: torch.Tensor) -> torch.Tensor:
-        return forward_loss(self.model, micro_batch, self.device, self.spec.precision)
+    def _loss_sum(self, micro_batch: torch.Tensor) -> torch.Tensor:
+        return forward_loss_sum(self.model, micro_batch, self.device, self.spec.precision)
+
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        """Tensor parallelism keeps the logits sharded over the vocabulary: the loss is computed on the
+        shards (forward and backward), instead of gathering and upcasting the full logits."""
+        return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
 
     def _sync_gradients(self, enabled: bool) -> contextlib.AbstractContextManager:
         if isinstance(self.model, FSDPModule):
@@ -113,21 +135,26 @@ class ShardedStrategy(MeshDataParallel):
 
     def train_step(self, batch: torch.Tensor) -> StepResult:
         self.model.train()
-        loss = accumulate_gradients(self._forward_loss, batch, self.spec.micro_batch_size, self._sync_gradients,
-                                    self.device)
+        batch = batch.to(self.device, non_blocking=True)
+        count = global_target_count(batch, self.dp_size)
+        loss_sum = accumulate_gradients(self._loss_sum, batch, self.spec.micro_batch_size, self._sync_gradients,
+                                        gradient_scale(count, self.dp_size), self._loss_context)
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.spec.grad_clip,
                                    plain_replicas=self.dims.world_size)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # tensor-parallel peers hold equal losses, so the world mean is the data-parallel mean
-        return StepResult(loss=collectives.all_reduce_mean(loss), grad_norm=grad_norm)
+        # tensor-parallel peers hold equal loss sums
+        return StepResult(loss=global_mean(loss_sum, count, copies=self.dims.tp), grad_norm=grad_norm)
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        losses = [self._forward_loss(mb) for mb in split_micro_batches(batch, self.spec.micro_batch_size)]
+        batch = batch.to(self.device, non_blocking=True)
+        count = global_target_count(batch, self.dp_size)
+        with self._loss_context():
+            loss_sum = sum(_full(self._loss_sum(mb)) for mb in split_micro_batches(batch, self.spec.micro_batch_size))
         reshard([self.model])
-        return collectives.all_reduce_mean(torch.stack(losses).mean())
+        return global_mean(loss_sum, count, copies=self.dims.tp)
 
     def state_dict(self) -> dict[str, Any]:
         return get_model_optim_state(self.model, self.optimizer)
@@ -139,7 +166,7 @@ class ShardedStrategy(MeshDataParallel):
         # sequence parallelism needs the sequence length divisible by tp; decoding grows it one by one
         if self.dims.tp > 1 and self.cfg.sequence_parallel:
             return None
-        return self.model
+        return GatheredLogits(self.model) if self.dims.tp > 1 else self.model
 
     def teardown(self) -> None:
         self.model = None

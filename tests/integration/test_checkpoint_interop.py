@@ -62,7 +62,6 @@ def test_fsdp_to_tp_and_pp(chain, tmp_path, strategy):
     assert_continues(ref, tmp_path, 9)
 
 
-@pytest.mark.slow
 def test_ddp2_to_fsdp4_to_fsdp2(chain, tmp_path_factory):
     ref, _ = chain
     fsdp4, fsdp2 = tmp_path_factory.mktemp("fsdp4"), tmp_path_factory.mktemp("fsdp2b")

@@ -130,7 +130,9 @@ def test_resume_refuses_another_model_and_never_overwrites(tmp_path, capsys):
     assert "already holds committed steps [3]" in capsys.readouterr().err
     assert _train(tmp_path, 5, ["checkpoint.resume=2"]) == 2
     assert "no committed step 2" in capsys.readouterr().err
-    assert Storage(str(tmp_path / "checkpoints")).listdir() == ["step_00000003"]  # untouched
+    storage = Storage(str(tmp_path / "checkpoints"))
+    assert [n for n in storage.listdir() if n != "_writers"] == ["step_00000003"]  # untouched
+    assert storage.listdir("_writers") == []  # every run released its writer lease
 
 
 def test_async_thread_save_commits_and_reports_blocked_time(tmp_path):

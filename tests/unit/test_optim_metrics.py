@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from dtrain.config.schema import OptimConfig
@@ -31,12 +30,19 @@ def test_linear_and_constant_schedules():
     assert lr_multiplier(optim_cfg(schedule="constant", warmup_steps=0), 100)(99) == 1.0
 
 
-def test_weight_decay_only_on_matrices():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+def test_weight_decay_on_every_matrix_embeddings_included():
+    from dtrain.models.gpt import GPT
+
+    model = GPT(vocab_size=32, seq_len=8, n_layer=1, n_head=2, d_model=8, tie_embeddings=False)
     opt = build_optimizer(model.named_parameters(), optim_cfg(weight_decay=0.2))
     decayed, plain = opt.param_groups
-    assert decayed["weight_decay"] == 0.2 and [p.dim() for p in decayed["params"]] == [2]
-    assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    assert decayed["weight_decay"] == 0.2 and plain["weight_decay"] == 0.0
+    # GPT-2 / nanoGPT: embeddings and the head decay like any matrix; biases and norms never
+    assert {"wte.weight", "wpe.weight", "lm_head.weight", "blocks.0.mlp.fc_in.weight"} <= decayed_names
+    assert all(p.dim() == 1 for p in plain["params"]) and len(plain["params"]) > 0
+    assert not any(n.endswith("bias") or ".ln_" in n for n in decayed_names)
 
 
 def test_jsonl_logger_appends_one_object_per_step(tmp_path):

@@ -24,9 +24,30 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path):
 
 
 def test_data_workers_eval_and_sample(tmp_path, capsys):
+    """The printed sample is the trained model's own greedy continuation of the prompt: decoded again here,
+    independently, from the weights of the final checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dtrain.checkpoint.cli import main as ckpt
+    from dtrain.models.gpt import GPT
+
     assert run([*SMALL, "trainer.max_steps=4", "trainer.data_workers=2", "trainer.eval_every=2",
-                "trainer.eval_batches=2", "trainer.sample_tokens=16", f"run.dir={tmp_path}"]) == 0
+                "trainer.eval_batches=2", "trainer.sample_tokens=16", "trainer.sample_temperature=0",
+                "checkpoint.save_final=true", f"run.dir={tmp_path}"]) == 0
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
     out = capsys.readouterr().out
-    assert "--- sample after 4 steps ---" in out and out.count("def ") >= 1
+    printed = out.split("--- sample after 4 steps ---\n", 1)[1].split("\n--- end of sample ---", 1)[0]
+    assert ckpt(["export", str(tmp_path / "checkpoints" / "step_00000004"), str(tmp_path / "m.safetensors")]) == 0
+    model = GPT(vocab_size=256, seq_len=16, n_layer=1, n_head=4, d_model=32)
+    model.load_state_dict(load_file(str(tmp_path / "m.safetensors")), strict=False)
+    model.tie_weights()
+    model.eval()
+    tokens = list(b"def ")
+    with torch.no_grad():
+        for _ in range(16):
+            logits = model(torch.tensor([tokens[-16:]]))
+            tokens.append(int(logits[0, -1].argmax()))
+    expected = bytes(tokens).decode("utf-8", errors="replace")
+    assert printed == expected and len(printed) > len("def "), (printed, expected)
