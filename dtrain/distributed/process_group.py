@@ -3,6 +3,16 @@
 Backend: nccl when the device is CUDA, gloo otherwise. The default group gets ``device_id`` on CUDA so
 NCCL can bind eagerly. Teardown is defensive: a gloo worker can abort in its destructor at exit, so
 we barrier with a timeout first and never let teardown hide the real error of a failed run.
+
+Device rule: NCCL has no backend for CPU tensors. Rather than a device-mapped group
+(``cpu:gloo,cuda:nccl``), every collective dtrain issues itself (preemption vote, loss and target-count
+reductions, grad norm, pipeline headers) keeps its tensors on the training device, and object
+collectives (config hash, checkpoint coordination) go through torch's device-aware object path. Why:
+it works with any group a user or DeepSpeed created (DeepSpeed's is NCCL-only), it adds no second
+communicator to every mesh subgroup (a gloo full mesh of TCP connections per group, at 1024 ranks),
+and the vote is one more tiny collective on a stream that runs anyway. The one gloo group dtrain
+creates is the checkpoint's own, for background saves. tests/distributed/test_nccl_device_rule.py
+checks the rule on CPU.
 """
 
 from __future__ import annotations

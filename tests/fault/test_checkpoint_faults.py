@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import sys
 import time
 
 import pytest
@@ -15,8 +16,8 @@ import pytest
 from dtrain.checkpoint.cli import main as ckpt
 from dtrain.checkpoint.manager import committed_steps
 from dtrain.checkpoint.storage import Storage
-from tests.helpers import (TINY, finish, read_metrics, start, torchrun, torchrun_args, wait_for_rows,
-                           worker_pids)
+from tests.helpers import (TINY, dtrain_single, finish, read_metrics, start, torchrun, torchrun_args,
+                           wait_for_rows, worker_pids)
 
 STEPS = 12
 CKPT = ["checkpoint.interval_steps=4", "checkpoint.keep_last=3"]
@@ -180,3 +181,28 @@ def test_workers_of_a_killed_launcher_checkpoint_and_exit(tmp_path):
         assert time.monotonic() < deadline, "orphaned workers still running 60 s after their launcher died"
         time.sleep(0.2)
     assert len(committed_steps(Storage(str(tmp_path / "checkpoints")))) == 1
+
+
+def test_a_second_job_on_the_same_uri_is_refused_and_the_first_is_unharmed(tmp_path):
+    """Two real processes, one checkpoint URI: the second is refused (exit 2, naming the first writer's
+    process), writes nothing; the first saves on and commits on SIGTERM; a later run takes over."""
+    uri = str(tmp_path / "shared-ckpt")
+    common = [*TINY, "strategy=single", "checkpoint.interval_steps=5", f"checkpoint.uri={uri}",
+              "checkpoint.grace_period_s=2"]
+    first = start([sys.executable, "-m", "dtrain", *common, "trainer.max_steps=100000", f"run.dir={tmp_path / 'a'}"])
+    wait_for_rows(tmp_path / "a", 6, first)  # past its first save
+    started = time.monotonic()
+    second = dtrain_single([*common, "trainer.max_steps=20", f"run.dir={tmp_path / 'b'}"], timeout=60)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert time.monotonic() - started < 30
+    refusal = [line for line in second.stderr.splitlines() if "being written by another run" in line]
+    assert len(refusal) == 1 and f"pid {first.pid}" in refusal[0], second.stderr[-2000:]
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+    first.send_signal(signal.SIGTERM)
+    result = finish(first)
+    assert result.returncode == 75, result.stderr[-2000:]
+    committed = committed_steps(Storage(uri))
+    assert committed and committed[-1] >= 6
+    third = dtrain_single([*common, f"trainer.max_steps={committed[-1] + 2}", f"run.dir={tmp_path / 'c'}"])
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"step_{committed[-1]:08d}" in third.stderr.split("resumed from", 1)[1].splitlines()[0]
