@@ -229,6 +229,11 @@ class CheckpointManager:
             self._corrupt.discard(step)
         return "save"
 
+    @property
+    def save_in_flight(self) -> bool:
+        """Whether a background save is still writing or committing (never blocks)."""
+        return self._pending is not None and not self._pending.done()
+
     def wait(self) -> None:
         """Block until the save in flight has finished; re-raise its failure on this rank."""
         if self._pending is None:
