@@ -375,7 +375,7 @@ def raw_s3_get(fs, paths: list[str], expected: int) -> float:
 
 def timed_restore(manager: CheckpointManager, template: dict, state: dict) -> float:
     start = time.perf_counter()
-    restored = manager.restore(template)
+    restored = manager.restore(lambda: template)
     seconds = time.perf_counter() - start
     assert restored is not None and all(torch.equal(template["model"][k], v) for k, v in state["model"].items())
     return seconds

@@ -195,18 +195,7 @@ class TorchDDPArm:
         self.checkpoint_dir, self.checkpoint_every, self.keep_last = checkpoint_dir, checkpoint_every, keep_last
         self.write_threads = cfg.checkpoint.write_threads
         self.steps_done = 0
-        self.resume_template()
         self.saved_steps: list[int] = []
-
-    def resume_template(self) -> dict[str, Any]:
-        """The state a resume-capable loop builds at start to load a checkpoint into (dtrain does too).
-
-        ``get_state_dict`` initializes an empty optimizer state with a zero-gradient, zero-LR step, so
-        Adam's step count starts at 1 before the first real step, in dtrain and here alike."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optim": optim_state}
 
     def _loss_sum(self, micro_batch: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
@@ -356,8 +345,6 @@ WORK = {
                   "token-weighted loss with one all-reduce of the target count", "no_sync on all but the last "
                   "micro-batch", "DDP bucket_cap_mb and gradient_as_bucket_view", "clip_grad_norm_(foreach=True)",
                   "AdamW and LR schedule", "global loss all-reduced and read every step",
-                  "optimizer state initialized by get_state_dict before step 1 (dtrain builds its resume "
-                  "template that way, the baseline does the same), so Adam's step count starts at 1 on both",
                   "checkpoint case: model + optimizer state through DCP with the same writer threads and fsync, "
                   "pruned to the same keep_last"],
     "dtrain_only_counted_as_overhead": ["step metrics (lr, grad norm, tokens/s, MFU, peak memory)",

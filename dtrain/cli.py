@@ -41,8 +41,19 @@ def _report(error: ConfigError, env: DistEnv) -> int:
     return EXIT_CONFIG_ERROR
 
 
+def _env_or_report() -> DistEnv | None:
+    """The launcher's view of this process, or None after printing why its variables are unusable."""
+    try:
+        return discover_env()
+    except ValueError as e:
+        print(ConfigError(f"the launcher environment is inconsistent: {e}").render(), file=sys.stderr, flush=True)
+        return None
+
+
 def cmd_validate(overrides: Sequence[str]) -> int:
-    env = discover_env()
+    env = _env_or_report()
+    if env is None:
+        return EXIT_CONFIG_ERROR
     try:
         cfg = load_config(overrides, env.world_size)
     except ConfigError as e:
@@ -65,7 +76,9 @@ def _agree_on_config(cfg) -> None:
 
 
 def cmd_train(overrides: Sequence[str]) -> int:
-    env = discover_env()
+    env = _env_or_report()
+    if env is None:
+        return EXIT_CONFIG_ERROR
     setup_logging(env)
     try:
         cfg = load_config(overrides, env.world_size)
@@ -90,10 +103,11 @@ def cmd_train(overrides: Sequence[str]) -> int:
             init_process_group(env, pick_backend(cfg.dist.backend, device), device, cfg.dist.timeout_s)
         _agree_on_config(cfg)
         write_bandwidth = preflight(cfg, env)
-        if env.is_rank_zero:
+        trainer = Trainer.build(cfg, env, device, write_bandwidth)
+        if env.is_rank_zero:  # only once nothing refused the run: a refused run leaves the folder as it was
             write_resolved(cfg, cfg.run.dir, overrides)
         collectives.barrier()
-        Trainer.build(cfg, env, device, write_bandwidth).fit()
+        trainer.fit()
     except ConfigError as e:
         return _report(e, env)
     except Preempted as e:
@@ -122,11 +136,18 @@ def run(argv: Sequence[str]) -> int:
     return cmd_train(argv)
 
 
+def _several_ranks() -> bool:
+    try:
+        return discover_env().world_size > 1
+    except ValueError:
+        return False
+
+
 def main() -> None:
     code = run(sys.argv[1:])
     sys.stdout.flush()
     sys.stderr.flush()
-    if discover_env().world_size > 1:
+    if _several_ranks():
         # gloo + DDP can deadlock in destructors at interpreter exit; everything is saved and torn down by now
         os._exit(code)
     sys.exit(code)

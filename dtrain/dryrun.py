@@ -11,7 +11,6 @@ and the DTensor shards they produce are counted. Activations come from the estim
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
 
@@ -20,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtrain.config.errors import ConfigError
+from dtrain.config.errors import ArgumentParser, ConfigError
 from dtrain.distributed.parallel_dims import MESH_DIMS, ParallelDims
 from dtrain.parallel.memory import RankMemory, estimate_rank_memory, gib, local_numel_and_bytes
 
@@ -165,14 +164,13 @@ def cmd_plan(argv: Sequence[str]) -> int:
     from dtrain.models import builds_on_meta
     from dtrain.strategies.layout import parallel_dims
 
-    parser = argparse.ArgumentParser(prog="dtrain plan", usage=USAGE, add_help=True)
+    parser = ArgumentParser(prog="dtrain plan", usage=USAGE, add_help=True)
     parser.add_argument("--world-size", type=int, required=True, help="number of ranks to plan for")
     parser.add_argument("--rank", type=int, default=None, help="also list this rank's coordinates and shards")
-    args, overrides = parser.parse_known_args(list(argv))
-    if args.world_size < 1:
-        print(f"dtrain: config error: --world-size={args.world_size} must be positive", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
     try:
+        args, overrides = parser.parse_known_args(list(argv))
+        if args.world_size < 1:
+            raise ConfigError(f"--world-size={args.world_size} must be positive")
         cfg = load_config([*overrides, *(["run.name=plan"] if not any(o.startswith("run.") for o in overrides)
                                         else [])], args.world_size)
         dims = parallel_dims(cfg.strategy.name, cfg.strategy, args.world_size)

@@ -17,6 +17,12 @@ class RedactingFormatter(logging.Formatter):
         return redact_text(super().format(record))
 
 
+# Storage clients log every retry they make, with a traceback (gcsfs: "_request out of retries on
+# exception"). dtrain turns their final failure into one line that says what to fix, so their own logs
+# are only shown when logging.level=DEBUG.
+STORAGE_CLIENT_LOGGERS = ("gcsfs", "s3fs", "aiobotocore", "botocore", "aiohttp", "urllib3", "fsspec", "google")
+
+
 def setup_logging(env: DistEnv, level: str = "INFO") -> None:
     prefix = f"[rank{env.rank}] " if env.world_size > 1 else ""
     handler = logging.StreamHandler(sys.stderr)
@@ -26,3 +32,5 @@ def setup_logging(env: DistEnv, level: str = "INFO") -> None:
     root.propagate = False
     # other ranks only speak when something is wrong
     root.setLevel(level if env.is_rank_zero else max(logging.WARNING, logging.getLevelName(level)))
+    for name in STORAGE_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)

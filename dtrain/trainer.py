@@ -25,7 +25,7 @@ from dtrain.metrics.throughput import peak_memory_bytes, step_throughput
 from dtrain.models import build_model
 from dtrain.models.generate import generate
 from dtrain.optim import build_optimizer, build_scheduler
-from dtrain.parallel.memory import log_memory_estimate
+from dtrain.parallel.memory import check_memory_fit
 from dtrain.strategies import Strategy, StepSpec, build_strategy
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class Trainer:
         spec = StepSpec(t.global_batch_size, t.micro_batch_size, t.grad_clip, t.precision, t.seed)
         strategy = build_strategy(cfg, spec, env, device)
         strategy.setup(model, lambda named: build_optimizer(named, cfg.optim))
-        log_memory_estimate(cfg, env.world_size, env.rank, strategy.optimizer)
+        check_memory_fit(cfg, env.world_size, env.rank, strategy.optimizer, device, env.local_world_size)
         scheduler = build_scheduler(strategy.optimizer, cfg.optim, t.max_steps)
         loader = ResumableLoader(train_set, t.global_batch_size, strategy.dp_rank, strategy.dp_size, t.seed,
                                  t.data_workers)
@@ -70,7 +70,9 @@ class Trainer:
                  t.global_batch_size * cfg.data.seq_len, cfg.run.dir)
         checkpoints = CheckpointManager(cfg, env, config_hash(cfg), strategy.name)
         trainer = cls(cfg, env, device, strategy, scheduler, loader, val_set, build_loggers(cfg, env.is_rank_zero),
-                      flops, checkpoints, PreemptionWatcher(list(cfg.checkpoint.preemption_signals), device))
+                      flops, checkpoints,
+                      PreemptionWatcher(list(cfg.checkpoint.preemption_signals), device, cfg.checkpoint.grace_period_s,
+                                        lambda: checkpoints.newest_committed))
         try:
             trainer.resume()
         except BaseException:
@@ -86,11 +88,16 @@ class Trainer:
                 "seed": self.cfg.trainer.seed}
 
     def resume(self) -> None:
-        template = self.strategy.state_dict()
+        templates: list[dict[str, Any]] = []
+
+        def template() -> dict[str, Any]:
+            templates.append(self.strategy.state_dict())
+            return templates[-1]
+
         restored = self.checkpoints.restore(template)
         if restored is None:
             return
-        self.strategy.load_state_dict(template)
+        self.strategy.load_state_dict(templates[-1])
         self.scheduler.load_state_dict(restored.extras["scheduler"])
         try:
             self.train_loader.load_state_dict(restored.extras["loader"])
@@ -160,6 +167,7 @@ class Trainer:
                 or "ckpt_blocked_s" in metrics):
             self.logger.log(self.step, metrics)
         if self.preemption is not None and self.preemption.agreed():
+            self.preemption.saving()
             self.save_checkpoint(blocking=True)
             self.checkpoints.finalize()
             raise Preempted(self.step, self.preemption.signal_name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import posixpath
 import sys
 import time
@@ -15,9 +16,11 @@ from typing import Any, Sequence
 
 from dtrain.checkpoint.manifest import Manifest, ManifestError, parse_step, read_manifest, verify_files
 from dtrain.checkpoint.storage import Storage, StorageError
+from dtrain.config.errors import ArgumentParser, ConfigError
 from dtrain.config.secrets import redact_text
 
-EXIT_BAD = 1
+EXIT_BAD = 1  # a checkpoint that fails verification: a finding, not bad input
+EXIT_BAD_INPUT = 2  # a bad command line, URI or path (ConfigError), as everywhere in dtrain
 
 
 def _say(text: str, file=None) -> None:
@@ -30,7 +33,7 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"dtrain ckpt: -o expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"dtrain ckpt: -o expects KEY=VALUE, got {pair!r}")
         options[key] = {"true": True, "false": False}.get(value.lower(), value)
     return options
 
@@ -45,7 +48,7 @@ def _open_step(args: argparse.Namespace, command: str) -> tuple[Storage, str, Ma
     """The storage, step folder name and manifest of a command that works on one step."""
     root, step = _split_step(args.uri)
     if step is None:
-        raise SystemExit(f"dtrain ckpt {command}: give the URI of one step folder (…/step_XXXXXXXX)")
+        raise ConfigError(f"dtrain ckpt {command}: give the URI of one step folder (…/step_XXXXXXXX), not {args.uri}")
     storage = Storage(root, _options(args.option))
     return storage, step, read_manifest(storage, step)
 
@@ -76,8 +79,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     storage = Storage(root, _options(args.option))
     names = [step] if step else [n for n in storage.listdir() if parse_step(n) is not None]
     if not names:
-        _say(f"no checkpoint steps under {storage.uri}")
-        return EXIT_BAD
+        raise ConfigError(f"dtrain ckpt verify: no checkpoint steps under {storage.uri}")
     failed = 0
     for name in names:
         try:
@@ -143,6 +145,9 @@ def load_model_weights(storage: Storage, step: str) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"dtrain ckpt export: the output folder {folder} does not exist")
     storage, step, manifest = _open_step(args, "export")
     problems = verify_files(storage, step, manifest.files, checksums=True)
     if problems:
@@ -165,8 +170,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dtrain ckpt", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="dtrain ckpt", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -192,14 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
-    if getattr(args, "overrides", None) == []:
-        args.overrides = None
     try:
+        args = build_parser().parse_args(list(argv))
+        if getattr(args, "overrides", None) == []:
+            args.overrides = None
         return args.fn(args)
+    except ConfigError as e:
+        _say(e.render(), file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (StorageError, ManifestError) as e:
-        _say(f"dtrain ckpt: {e}", file=sys.stderr)
-        return EXIT_BAD
+        _say(f"dtrain: ckpt: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except FileNotFoundError as e:
-        _say(f"dtrain ckpt: not found: {e}", file=sys.stderr)
-        return EXIT_BAD
+        _say(f"dtrain: ckpt: not found: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT

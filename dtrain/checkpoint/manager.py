@@ -31,7 +31,7 @@ import uuid
 from datetime import timedelta
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -162,6 +162,7 @@ class CheckpointManager:
         self._trusted: set[int] = set()  # steps this process committed, or verified at resume (rank 0)
         self._corrupt: set[int] = set()  # committed steps that failed verification at resume (rank 0)
         self.lineage = uuid.uuid4().hex[:12]  # replaced by the resumed step's lineage
+        self.newest_committed: int | None = None  # resumed from, or committed since (rank 0 knows the latter)
         self.lease: WriterLease | None = None
         self.writer = collectives.on_rank_zero(self._acquire_lease)
 
@@ -314,6 +315,7 @@ class CheckpointManager:
         self.storage.write_bytes(posixpath.join(name, MANIFEST), manifest.to_json())
         self.storage.sync_dir(name)  # and the manifest's own entry: now the step is committed
         self._trusted.add(step)
+        self.newest_committed = step
         self.last_save_seconds = seconds
         log.info("committed %s (%.1f MB in %.2f s)", self.storage.url(name), manifest.total_bytes / 1e6, seconds)
         self._wait_for_retention()
@@ -355,8 +357,13 @@ class CheckpointManager:
             self.storage.remove(folder, recursive=True)
 
     # -- resuming --------------------------------------------------------------------------------------
-    def restore(self, template: dict[str, Any]) -> Restored | None:
-        """Load the step chosen by ``checkpoint.resume`` into ``template`` (in place); None: start fresh."""
+    def restore(self, make_template: Callable[[], dict[str, Any]]) -> Restored | None:
+        """Load the step chosen by ``checkpoint.resume`` into ``make_template()`` (in place; the caller keeps
+        the state it returned); None: start fresh.
+
+        A factory, called only when there is a step to load: building a state dict initializes an empty
+        optimizer (torch's get_state_dict runs a zero-gradient step), which would make Adam's step count
+        start at 1 in a fresh run and shrink its first real update."""
         resume = str(self.cfg.resume)
         if resume == "never":
             return None
@@ -365,7 +372,7 @@ class CheckpointManager:
         for name in candidates:
             manifest, problem = self._check_step(storage, name)
             if problem is None:
-                return self._load(storage, name, manifest, template)
+                return self._load(storage, name, manifest, make_template())
             if explicit:
                 raise ConfigError(f"cannot resume from {storage.url(name)}: {problem}")
             log.warning("skipping %s: %s", storage.url(name), problem)
@@ -425,6 +432,7 @@ class CheckpointManager:
             # RNG streams cannot be split or merged across ranks: re-seed deterministically instead
             torch.manual_seed(self.full_cfg.trainer.seed * 100_003 + manifest.step * 1_009 + self.env.rank)
         self.lineage = manifest.lineage
+        self.newest_committed = manifest.step if storage is self.storage else None
         if storage is self.storage:
             self._trusted.add(manifest.step)  # verified just now: saving it again would only risk it
         log.info("resumed from %s (step %d, saved by %d ranks with strategy %s) in %.2f s", url, manifest.step,

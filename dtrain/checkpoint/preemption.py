@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from types import FrameType
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from dtrain.distributed import collectives
 
 EXIT_PREEMPTED = 75
+EXIT_NOT_SAVED = 1  # a crash for the launcher: the preemption checkpoint could not be made
 
 
 class Preempted(Exception):
@@ -31,10 +34,22 @@ class Preempted(Exception):
 
 
 class PreemptionWatcher:
-    def __init__(self, signal_names: list[str], device: torch.device | str = "cpu"):
+    """Turns preemption signals into an agreed save-and-exit, and makes sure the process ends anyway.
+
+    A step that never reaches its boundary (a hung collective, a step far too big for the machine)
+    would otherwise keep a signalled job alive until SIGKILL. So: a second signal ends the process at
+    once, and so does ``grace_s`` elapsing after the first signal before the ranks agreed to save; both
+    with a crash code and a line saying that the last committed checkpoint is intact. A save that has
+    started is left to finish (or to the scheduler's SIGKILL): exiting mid-save would gain nothing.
+    """
+
+    def __init__(self, signal_names: list[str], device: torch.device | str = "cpu", grace_s: float | None = None,
+                 newest_committed: Callable[[], int | None] = lambda: None):
         self.received: int | None = None
         self.received_at: float | None = None
         self.device = torch.device(device)
+        self.grace_s, self.newest_committed = grace_s, newest_committed
+        self._saving = threading.Event()
         self._vote: dist.Work | None = None
         self._ballot = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._previous: dict[int, object] = {}
@@ -43,10 +58,30 @@ class PreemptionWatcher:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None:
-            self.received, self.received_at = signum, time.monotonic()
-            os.write(2, f"dtrain: received {signal.Signals(signum).name}; will checkpoint at the next step "
-                        "boundary and exit\n".encode())
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            self._give_up(f"received {name} again")
+        self.received, self.received_at = signum, time.monotonic()
+        os.write(2, f"dtrain: received {name}; will checkpoint at the next step boundary and exit (a second "
+                    f"signal exits at once without saving)\n".encode())
+        if self.grace_s:
+            threading.Thread(target=self._deadline, name="dtrain-preemption-deadline", daemon=True).start()
+
+    def _deadline(self) -> None:
+        if not self._saving.wait(self.grace_s):
+            self._give_up(f"checkpoint.grace_period_s={self.grace_s:g} passed without reaching a step boundary")
+
+    def _give_up(self, why: str) -> None:
+        """Exit now (from a signal handler or a thread): no lock, no collective, no buffered output."""
+        step = self.newest_committed()
+        intact = f"step {step}" if step is not None else "the newest committed step under checkpoint.uri, if any,"
+        os.write(2, f"dtrain: {why}: exiting with {EXIT_NOT_SAVED} WITHOUT a preemption checkpoint; {intact} is "
+                    f"intact and a restart resumes from it\n".encode())
+        os._exit(EXIT_NOT_SAVED)
+
+    def saving(self) -> None:
+        """The ranks agreed and the preemption save starts: the deadline no longer applies."""
+        self._saving.set()
 
     @property
     def signal_name(self) -> str:

@@ -30,7 +30,7 @@ def _check(cfg: DictConfig, env: DistEnv) -> float | None:
     c = cfg.checkpoint
     try:
         storage = Storage(c.uri, OmegaConf.to_container(c.storage_options, resolve=True))
-        bandwidth = storage.preflight()
+        bandwidth = storage.preflight(c.storage_timeout_s)
         committed = committed_steps(storage)
     except StorageError as e:
         raise ConfigError(str(e)) from None

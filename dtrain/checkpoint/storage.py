@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import threading
 import time
 import uuid
 from typing import Any, Callable, TypeVar
@@ -17,6 +18,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from dtrain.config.secrets import redact, redact_text
+from dtrain.config.uris import uri_problems
 
 T = TypeVar("T")
 
@@ -49,6 +51,9 @@ class Storage:
     """A root URI plus its filesystem. Paths passed in are relative to the root, '/'-separated."""
 
     def __init__(self, uri: str, options: dict[str, Any] | None = None, retries: int = 3):
+        problems = uri_problems("checkpoint.uri", uri)
+        if problems:
+            raise StorageError(problems[0])
         self.uri = uri.rstrip("/")
         self.options = dict(options or {})
         self.retries = retries
@@ -155,23 +160,44 @@ class Storage:
         except FileNotFoundError:
             pass
 
-    def preflight(self) -> float:
+    def preflight(self, timeout_s: float = 30.0) -> float:
         """Write, read back and delete a probe object: catches a missing bucket, missing credentials or
-        an unreachable endpoint before any training. Returns the measured write bandwidth (bytes/s)."""
+        an unreachable endpoint before any training. Returns the measured write bandwidth (bytes/s).
+
+        Bounded by ``timeout_s``: an endpoint that never answers would otherwise hold the job for the
+        storage client's whole retry schedule (minutes of connect timeouts and backoff)."""
+        outcome: dict[str, Any] = {}
+
+        def probe() -> None:
+            try:
+                outcome["bandwidth"] = self._probe()
+            except BaseException as e:  # handed to the caller's thread
+                outcome["error"] = e
+
+        thread = threading.Thread(target=probe, name="dtrain-storage-probe", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+        if thread.is_alive():
+            raise StorageError(f"checkpoint.uri={self.uri}: the store did not answer within {timeout_s:.0f} s "
+                               f"(checkpoint.storage_timeout_s); check the endpoint and the network, or raise the "
+                               f"timeout for a slow store")
+        if "error" in outcome:
+            error = outcome["error"]
+            if isinstance(error, StorageError):
+                raise error
+            raise StorageError(f"checkpoint.uri={self.uri} is not usable: {describe_storage_error(error)}") from None
+        return outcome["bandwidth"]
+
+    def _probe(self) -> float:
         name = f".dtrain-probe-{uuid.uuid4().hex[:12]}"
         payload = b"\0" * (4 * 2**20)
-        try:
-            start = time.perf_counter()
-            self.write_bytes(name, payload)
-            elapsed = time.perf_counter() - start
-            if self.size(name) != len(payload):
-                raise StorageError(f"checkpoint.uri={self.uri}: a probe object was written but reads back "
-                                   "with the wrong size; the storage is not usable")
-            self.remove(name)
-        except StorageError:
-            raise
-        except Exception as e:
-            raise StorageError(f"checkpoint.uri={self.uri} is not usable: {describe_storage_error(e)}") from None
+        start = time.perf_counter()
+        self.write_bytes(name, payload)
+        elapsed = time.perf_counter() - start
+        if self.size(name) != len(payload):
+            raise StorageError(f"checkpoint.uri={self.uri}: a probe object was written but reads back "
+                               "with the wrong size; the storage is not usable")
+        self.remove(name)
         return len(payload) / max(elapsed, 1e-9)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from dtrain.config.secrets import redact_text
 
 
@@ -19,3 +21,11 @@ class ConfigError(ValueError):
         lines = [f"dtrain: {len(self.problems)} config errors:"]
         lines += [f"  - {p}" for p in self.problems]
         return "\n".join(lines)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one ConfigError line (exit 2), like every other bad
+    input, instead of a usage block and its own exit."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message}; see `{self.prog} --help`")

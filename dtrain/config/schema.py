@@ -35,6 +35,8 @@ class TrainerConfig:
     eval_batches: int = 4  # global batches of validation data per evaluation
     log_every: int = 10
     data_workers: int = 0  # DataLoader worker processes per rank
+    # a plan whose per-rank memory estimate exceeds the device is refused at start-up; true: warn instead
+    allow_memory_overcommit: bool = False
     sample_tokens: int = 200  # tokens generated from the trained model at the end; 0 disables
     sample_prompt: str = "def "
     sample_temperature: float = 0.8
@@ -123,9 +125,11 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | never | <step> | <URI of a step_XXXXXXXX folder>
     verify_checksums: bool = True  # CRC32C of every file before loading (sizes are always checked)
     save_final: bool = True
-    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # SIGINT too: one Ctrl-C saves and stops a foreground run cleanly; a second one exits at once
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
     grace_period_s: float = 30.0  # time between the signal and SIGKILL (torchrun, K8s and Slurm defaults: 30 s)
     commit_timeout_s: float = 600.0  # how long ranks wait for each other to finish a background save
+    storage_timeout_s: float = 30.0  # start-up probe of the store: an endpoint silent this long is an error
     # one writer per URI: a lease not renewed for this long belongs to a dead job; 0 switches leases off
     # (only for stores without consistent listings)
     lease_ttl_s: float = 60.0

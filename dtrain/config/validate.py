@@ -15,6 +15,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from dtrain.config.compose import compose_config
 from dtrain.config.errors import ConfigError
+from dtrain.config.uris import uri_problems
 from dtrain.optim import OPTIMIZERS, SCHEDULES
 from dtrain.strategies import check_strategy, data_parallel_size
 
@@ -116,6 +117,7 @@ def check_checkpoint(cfg: DictConfig, world_size: int) -> list[str]:
     if resume not in ("auto", "never") and not resume.isdigit() and "step_" not in resume:
         problems.append(f"checkpoint.resume={resume} must be auto, never, a step number, or the URI of a "
                         "step_<8 digits> folder")
+    problems += uri_problems("checkpoint.uri", c.uri)
     if "CHANGE-ME" in c.uri:
         problems.append(f"checkpoint.uri={c.uri} is the template's placeholder; set checkpoint.uri=s3://BUCKET/PATH "
                         "(or gs://...)")
@@ -126,6 +128,8 @@ def check_checkpoint(cfg: DictConfig, world_size: int) -> list[str]:
         problems.append(f"checkpoint.write_threads={c.write_threads} must be >= 1")
     if c.grace_period_s <= 0:
         problems.append(f"checkpoint.grace_period_s={c.grace_period_s} must be positive")
+    if c.storage_timeout_s <= 0:
+        problems.append(f"checkpoint.storage_timeout_s={c.storage_timeout_s} must be positive")
     if c.lease_ttl_s < 0:
         problems.append(f"checkpoint.lease_ttl_s={c.lease_ttl_s} must be >= 0 (0 switches the writer lease off)")
     return problems

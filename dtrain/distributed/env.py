@@ -67,6 +67,11 @@ def discover_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and key not in env]
+        if missing:
+            raise ValueError(f"RANK and WORLD_SIZE are set ({world} ranks) but {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not; start the job with torchrun, or set "
+                             "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT together")
         local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
         local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
         restarts = _int(env, "TORCHELASTIC_RESTART_COUNT") if "TORCHELASTIC_RESTART_COUNT" in env else 0

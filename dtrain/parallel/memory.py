@@ -198,9 +198,45 @@ def estimate_rank_memory(cfg: DictConfig, dims: ParallelDims, rank: int, param_b
                       activations=activation_bytes(shape) if shape is not None else None)
 
 
-def log_memory_estimate(cfg: DictConfig, world_size: int, rank: int, optimizer: torch.optim.Optimizer) -> None:
-    """One start-up line from rank 0: the estimate of the rank that needs the most (pipeline stages and
-    uneven shards differ), gathered from every rank. Collective: every rank must call it."""
+def device_memory_limit(device: torch.device, ranks_on_node: int) -> tuple[int, str]:
+    """Bytes one rank may plan to use, and where the number comes from.
+
+    GPU: the device's total memory minus a reserve (8%: the CUDA context, NCCL buffers and allocator
+    fragmentation, none of which the estimate counts). CPU: the memory the kernel reports available
+    (``MemAvailable``), shared by the ranks of this node."""
+    if device.type == "cuda":
+        _, total = torch.cuda.mem_get_info(device)
+        return int(total * 0.92), f"{gib(total)} on {device} minus an 8% reserve"
+    available = _mem_available()
+    return available // max(1, ranks_on_node), f"{gib(available)} available RAM / {ranks_on_node} ranks on this node"
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+# knobs that shrink a rank's share, named in the refusal
+_FIT_KNOBS = ("a smaller trainer.micro_batch_size", "strategy.activation_checkpointing=full",
+              "a sharded strategy (fsdp, fsdp_tp, pp_fsdp)", "more ranks", "a shorter data.seq_len")
+NEAR_LIMIT = 0.85
+
+
+def check_memory_fit(cfg: DictConfig, world_size: int, rank: int, optimizer: torch.optim.Optimizer,
+                     device: torch.device, ranks_on_node: int) -> None:
+    """Log the start-up estimate (rank 0, the rank that needs the most) and refuse, before the first step,
+    a plan that cannot fit its device: every rank compares its own estimate with its own limit, and all
+    refuse together. ``trainer.allow_memory_overcommit=true`` turns the refusal into a warning.
+    Collective: every rank must call it."""
+    from dtrain.config.errors import ConfigError
     from dtrain.distributed import collectives
     from dtrain.strategies.layout import parallel_dims
 
@@ -208,7 +244,23 @@ def log_memory_estimate(cfg: DictConfig, world_size: int, rank: int, optimizer: 
     if dims is None:
         return
     _, nbytes = local_numel_and_bytes(optimizer_params(optimizer))
-    estimates = collectives.all_gather_object(estimate_rank_memory(cfg, dims, rank, nbytes))
-    largest = max(range(len(estimates)), key=lambda r: estimates[r].total)
+    estimate = estimate_rank_memory(cfg, dims, rank, nbytes)
+    limit, source = device_memory_limit(device, ranks_on_node)
+    reports = collectives.all_gather_object((estimate, limit, source))
+    largest = max(range(len(reports)), key=lambda r: reports[r][0].total)
     log.info("memory estimate per rank (%s), largest on rank %d: %s", dims.describe(), largest,
-             estimates[largest].line())
+             reports[largest][0].line())
+    worst = max(range(len(reports)), key=lambda r: reports[r][0].total / max(1, reports[r][1]))
+    need, cap, where = reports[worst][0].total, reports[worst][1], reports[worst][2]
+    if need > cap:
+        message = (f"rank {worst} would need about {gib(need)} ({reports[worst][0].line()}) but has {gib(cap)} "
+                   f"({where}); to fit, try {', '.join(_FIT_KNOBS)}; or set trainer.allow_memory_overcommit=true "
+                   "to start anyway")
+        if not cfg.trainer.allow_memory_overcommit:
+            raise ConfigError(message)
+        if rank == 0:
+            log.warning("%s (allowed by trainer.allow_memory_overcommit=true)", message.split("; to fit")[0])
+    elif need > NEAR_LIMIT * cap and rank == 0:
+        log.warning("rank %d is planned to use %s of its %s (%s): %.0f%%, and the estimate leaves out transients "
+                    "(logits, gathered FSDP blocks, buffers); it may run out of memory", worst, gib(need), gib(cap),
+                    where, 100 * need / cap)

@@ -68,7 +68,7 @@ def test_storage_errors_say_what_to_install_or_fix(tmp_path, monkeypatch):
         Storage("gs://bucket/run")
     with pytest.raises(StorageError, match="install the fsspec backend for hdfs://"):
         Storage("hdfs://namenode/run")
-    with pytest.raises(StorageError, match="Protocol not known"):
+    with pytest.raises(StorageError, match="unknown protocol nosuchscheme://"):
         Storage("nosuchscheme://x")
     blocker = tmp_path / "file"
     blocker.write_text("x")

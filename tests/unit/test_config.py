@@ -110,8 +110,8 @@ def test_run_name_is_shared_by_ranks_and_stable_across_requeue(monkeypatch):
 
 
 def test_ranks_without_a_shared_id_must_name_the_run(monkeypatch):
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match="pass run.name=NAME"):
         load_config([], 2)
     assert load_config(["run.name=x"], 2).run.dir == "runs/x"

@@ -18,7 +18,8 @@ def test_torchrun_variables():
 
 
 def test_torchrun_wins_inside_a_slurm_allocation():
-    env = discover_env({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    env = discover_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1", "SLURM_PROCID": "0",
+                        "SLURM_NTASKS": "1"})
     assert env.source == "torchrun" and env.rank == 1
 
 
@@ -42,7 +43,11 @@ def test_inconsistent_variables_are_named():
     with pytest.raises(ValueError, match="RANK='x'"):
         discover_env({"RANK": "x", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="rank 4 is outside world size 4"):
-        discover_env({"RANK": "4", "WORLD_SIZE": "4"})
+        discover_env({"RANK": "4", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    # half of what torchrun sets: the process group could never form
+    with pytest.raises(ValueError, match="MASTER_PORT is not; start the job with torchrun"):
+        discover_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"})
+    assert discover_env({"RANK": "0", "WORLD_SIZE": "1"}).world_size == 1  # one rank needs no rendezvous
 
 
 def test_run_id_prefers_ids_that_survive_requeue():
