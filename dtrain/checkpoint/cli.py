@@ -1,4 +1,4 @@
-"""``dtrain ckpt ls|verify|inspect|export``: look at checkpoints without starting a job.
+"""``dtrain ckpt ls|verify|inspect|export|latest``: look at checkpoints without starting a job.
 
 Works on any fsspec URI; storage options (e.g. an S3 endpoint) via ``-o endpoint_url=http://...``;
 credentials from the environment, never printed.
@@ -68,6 +68,33 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(f"{'step':<15} {'state':<11} {'world':>5} {'strategy':<9} {'size':>10}  saved")
     for row in rows:
         _say(f"{row[0]:<15} {row[1]:<11} {row[2]!s:>5} {row[3]:<9} {row[4]:>10}  {row[5]}")
+    return 0
+
+
+def cmd_latest(args: argparse.Namespace) -> int:
+    """The newest committed step (or ``none``): what a launcher compares to see whether retries make progress.
+
+    ``--config [overrides]`` reads ``checkpoint.uri`` from the config as the job resolves it (its run name
+    comes from the job's id, e.g. ``slurm-<id>``), so a batch script need not know the resolved URI."""
+    from dtrain.checkpoint.manager import committed_steps
+
+    if args.config:
+        from omegaconf import OmegaConf
+
+        from dtrain.config.compose import compose_config
+
+        cfg, problems = compose_config(args.target)
+        if cfg is None or problems:
+            _say(f"dtrain ckpt latest: {'; '.join(problems)}", file=sys.stderr)
+            return EXIT_BAD
+        options = OmegaConf.to_container(cfg.checkpoint.storage_options, resolve=True)
+        storage = Storage(cfg.checkpoint.uri, {**options, **_options(args.option)})
+    else:
+        if len(args.target) != 1:
+            raise SystemExit("dtrain ckpt latest: give one URI, or --config [overrides...]")
+        storage = Storage(args.target[0], _options(args.option))
+    steps = committed_steps(storage)
+    print(steps[-1] if steps else "none")
     return 0
 
 
@@ -188,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="output file (.safetensors or .pt)")
     export.add_argument("--format", choices=("safetensors", "torch"), default=None)
     export.set_defaults(fn=cmd_export)
+    latest = sub.add_parser("latest", help="print the newest committed step (or none)")
+    latest.add_argument("target", nargs="*", help="a checkpoint URI, or with --config the overrides of a config")
+    latest.add_argument("--config", action="store_true", help="take checkpoint.uri from the config")
+    latest.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE")
+    latest.set_defaults(fn=cmd_latest)
     return parser
 
 
