@@ -167,7 +167,7 @@ class LauncherConfig:
     # Kubernetes
     namespace: str = "default"
     image: Optional[str] = None
-    secret: Optional[str] = None  # a Secret whose keys become the pods' environment (storage credentials)
+    env_from: Optional[str] = None  # a Kubernetes Secret whose keys become the pods' environment (storage credentials)
     service_account: Optional[str] = None
     node_selector: dict[str, str] = field(default_factory=dict)
     shm_size: str = "16Gi"  # /dev/shm of each pod (data-loader workers, NCCL)

@@ -15,7 +15,7 @@ from typing import Sequence
 from dtrain import exit_codes
 from dtrain.config.errors import ConfigError
 
-USAGE = """usage: dtrain launch torchrun|slurm|k8s [--nodes N] [--nproc-per-node P] [--out PATH] [--submit] [overrides...]
+USAGE = """usage: dtrain launch torchrun|slurm|k8s [--nodes N] [--nproc-per-node P] [--out PATH] [--submit] [overrides]
        dtrain launch run [torchrun options] [--host-timeout-s S] -- [overrides...]   (what launchers run per node)
        dtrain launch sweep [overrides with a,b,c sweeps...] hydra/launcher=submitit_slurm   (Hydra multirun)
 

@@ -70,9 +70,9 @@ def container(launch: Launch) -> dict:
         "ports": [{"name": "rendezvous", "containerPort": lc.rdzv_port, "protocol": "TCP"}],
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
     }
-    if lc.secret:
+    if lc.env_from:
         # credentials stay in the Secret: the manifest names it and never holds a value
-        spec["envFrom"] = [{"secretRef": {"name": lc.secret}}]
+        spec["envFrom"] = [{"secretRef": {"name": lc.env_from}}]
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     if lc.cpus_per_node:
@@ -133,8 +133,8 @@ def render(launch: Launch) -> str:
         f"# terminationGracePeriodSeconds {launch.grace_s}: {launch.grace.explanation}.",
         "# Spot nodes may give less than that (GKE: 15 s for non-system pods at a spot reclaim; see README).",
     ]
-    if lc.secret:
-        header.append(f"# Storage credentials come from Secret '{lc.secret}' (create it yourself; never inline "
+    if lc.env_from:
+        header.append(f"# Storage credentials come from Secret '{lc.env_from}' (create it yourself; never inline "
                       "keys here).")
     body = "---\n".join(yaml.safe_dump(m, sort_keys=False, width=1000) for m in manifests(launch))
     return "\n".join(header) + "\n" + body

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from dtrain.config.compose import compose_config
 from dtrain.config.errors import ConfigError
+from dtrain.config.secrets import redact_override
 from dtrain.config.validate import find_problems
 from dtrain.launch.grace import GraceEstimate, estimate_grace
 
@@ -112,6 +113,12 @@ def build_launch(kind: str, user_overrides: list[str], nodes: int | None, nproc:
             if any(_key(o) == key for o in overrides):
                 problems.append(f"both {flag} and {key}= were given; keep one")
             overrides.append(f"{key}={value}")
+    for override in user_overrides:
+        if redact_override(override) != override:
+            # the rendered file (and the job's command line, visible to every user of the cluster) would hold it
+            problems.append(f"{redact_override(override)} carries a credential; launchers never write credentials "
+                            "into files: use the environment (Slurm: export it before sbatch; Kubernetes: a Secret "
+                            "named by launcher.env_from)")
     overrides = [f"launcher={kind}", *overrides]
     cfg, compose_problems = compose_config(overrides)
     problems += compose_problems

@@ -8,16 +8,14 @@ After `scontrol requeue` Slurm holds a job for a while (BeginTime); the tests re
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from dtrain.launch.cli import render
-from tests.helpers import REPO, TINY, read_metrics, subprocess_env, torchrun
+from tests.helpers import TINY, read_metrics, script_env, torchrun
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
 
@@ -26,10 +24,9 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 def job_env(**extra: str) -> dict[str, str]:
-    """What a user's login shell would hold: dtrain importable (here: this checkout), python on PATH.
-    sbatch exports the submitting environment to the job (its default, --export=ALL)."""
-    venv_bin = str(Path(sys.executable).parent)
-    return subprocess_env(PYTHONPATH=str(REPO), PATH=f"{venv_bin}:{os.environ['PATH']}", CI=None, **extra)
+    """What a user's login shell would hold (dtrain importable, python on PATH); sbatch exports the submitting
+    environment to the job (its default, --export=ALL). CI is unset: the job is not the test."""
+    return script_env(CI=None, **extra)
 
 
 class Job:
