@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
@@ -145,6 +146,6 @@ def build_launch(kind: str, user_overrides: list[str], nodes: int | None, nproc:
     # the trainer's own grace check (and the writer lease's wait) must use what the scheduler gives
     overrides = [o for o in overrides if _key(o) != "checkpoint.grace_period_s"]
     overrides.append(f"checkpoint.grace_period_s={grace_s}")
-    command = " ".join(["dtrain", "launch", kind, *(f"--nodes {nodes}".split() if nodes is not None else []),
-                        *(f"--nproc-per-node {nproc}".split() if nproc is not None else []), *user_overrides])
+    command = shlex.join(["dtrain", "launch", kind, *(["--nodes", str(nodes)] if nodes is not None else []),
+                          *(["--nproc-per-node", str(nproc)] if nproc is not None else []), *user_overrides])
     return Launch(kind, cfg, overrides, grace_s, grace, command, warnings)

@@ -48,7 +48,7 @@ def render(launch: Launch) -> str:
     from dtrain import exit_codes
 
     lc = launch.launcher
-    default_master = ":-127.0.0.1" if lc.nodes == 1 else ":?set MASTER_ADDR to node 0's host name"
+    default_master = ":-127.0.0.1" if lc.nodes == 1 else ":?set MASTER_ADDR to the host name of node 0"
     command = node_command(launch, endpoint=f"${{MASTER_ADDR{default_master}}}:${{MASTER_PORT:-{lc.rdzv_port}}}",
                            rdzv_id=f"${{DTRAIN_RUN_ID:-{lc.job_name}}}")
     lines = [

@@ -26,7 +26,7 @@ import yaml
 
 from dtrain.config.errors import ConfigError
 from dtrain.launch.cli import render
-from tests.helpers import TINY, finish, free_port, read_metrics, script_env
+from tests.helpers import TINY, free_port, read_metrics, script_env
 
 K8S_VERSIONS = ("1.31.0", "1.37.0")  # the oldest supported and the newest schemas kubernetes-validate ships
 
@@ -137,7 +137,28 @@ def dns_names(names: list[str], tag: str):
         HOSTS.write_text("".join(line for line in HOSTS.read_text().splitlines(keepends=True) if marker not in line))
 
 
-def start_pod(job: dict, index: int, workdir: Path, secret: dict[str, str]) -> subprocess.Popen:
+class Pod:
+    """A "pod" process; its output goes to a file so the test can watch it while it runs."""
+
+    def __init__(self, args: list[str], workdir: Path, env: dict[str, str]):
+        self.log_path = workdir / "pod.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            pytest.fail(f"pod did not exit within {timeout:.0f} s:\n{self.log[-3000:]}")
+
+
+def start_pod(job: dict, index: int, workdir: Path, secret: dict[str, str]) -> Pod:
     """One pod of the Indexed Job: the container's command and env, the Job's index variable, the pod's own
     hostname, the Secret's keys; the container's first process is the one a spot reclaim signals."""
     pod = job["spec"]["template"]["spec"]
@@ -147,8 +168,7 @@ def start_pod(job: dict, index: int, workdir: Path, secret: dict[str, str]) -> s
                          **{e["name"]: e["value"] for e in container["env"]}, **secret)
     workdir.mkdir(parents=True, exist_ok=True)
     args = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', f"{name}-{index}", *container["command"]]
-    return subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return Pod(args, workdir, env)
 
 
 @pytest.fixture
@@ -174,39 +194,44 @@ def test_pod_contract_spot_reclaim_commits_exits_75_and_relaunch_resumes(pod_nam
     secret = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # what Secret s3-creds holds
     run_dir = tmp_path / "pod0" / "runs" / f"k8s-{name}"
     with dns_names([f"{name}-0.{name} {name}-0", f"{name}-1.{name} {name}-1"], name) as publish:
-        # pod 1 starts first and before the Service has published any name: it must wait, not fail
+        # pod 1 starts first, before the Service has published any name: it must wait, not fail
         pods = [start_pod(job, 1, tmp_path / "pod1", secret)]
-        time.sleep(3)
-        assert pods[0].poll() is None, finish(pods[0]).stderr[-3000:]
+        deadline = time.monotonic() + 120
+        while f"waiting for rendezvous host '{name}-0.{name}' to resolve" not in pods[0].log:
+            assert pods[0].proc.poll() is None and time.monotonic() < deadline, pods[0].log[-3000:]
+            time.sleep(0.1)
+        time.sleep(1)
+        assert pods[0].proc.poll() is None, pods[0].log[-3000:]
         publish()
         pods.insert(0, start_pod(job, 0, tmp_path / "pod0", secret))
         try:
             deadline = time.monotonic() + 180
             while not ((run_dir / "metrics.jsonl").exists()
                        and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 4):
-                assert time.monotonic() < deadline and all(p.poll() is None for p in pods), \
-                    [finish(p, 10).stderr[-2000:] for p in pods]
+                assert time.monotonic() < deadline and all(p.proc.poll() is None for p in pods), \
+                    [p.log[-2000:] for p in pods]
                 time.sleep(0.1)
             reclaimed = time.monotonic()
-            pods[1].send_signal(signal.SIGTERM)  # the kubelet, on a spot reclaim of pod 1's node
-            results = [finish(p, grace + 15) for p in pods]
+            pods[1].proc.send_signal(signal.SIGTERM)  # the kubelet, on a spot reclaim of pod 1's node
+            codes = [p.wait(grace + 15) for p in pods]
             took = time.monotonic() - reclaimed
         finally:
             for p in pods:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-        assert "waiting for rendezvous host" in results[1].stderr
-        assert [r.returncode for r in results] == [75, 75], [r.stderr[-3000:] for r in results]
+                if p.proc.poll() is None:
+                    os.killpg(p.proc.pid, signal.SIGKILL)
+        logs = [p.log for p in pods]
+        assert codes == [75, 75], [log[-3000:] for log in logs]
         assert took < grace, f"{took:.1f} s to exit after SIGTERM, grace {grace} s"
-        assert "forwarding SIGTERM to torchrun" in results[1].stderr
-        assert "preempted by SIGTERM" in results[1].stderr
-        assert "preempted by a peer rank's signal" in results[0].stderr
+        assert "forwarding SIGTERM to torchrun" in logs[1]
+        assert "preempted by SIGTERM" in logs[1]
+        assert "preempted by a peer rank's signal" in logs[0]
         committed = max(row["step"] for row in read_metrics(run_dir))
         # the Job replaces both pods (exit 75 -> Ignore); the new ones resume
         relaunched = [start_pod(job, i, tmp_path / f"pod{i}", secret) for i in (0, 1)]
-        results = [finish(p, 240) for p in relaunched]
-    assert [r.returncode for r in results] == [0, 0], [r.stderr[-3000:] for r in results]
-    resumed = results[0].stderr.split("resumed from", 1)[1].splitlines()[0]
+        codes = [p.wait(240) for p in relaunched]
+        logs = [p.log for p in relaunched]
+    assert codes == [0, 0], [log[-3000:] for log in logs]
+    resumed = logs[0].split("resumed from", 1)[1].splitlines()[0]
     assert f"s3://{s3_bucket}/{name}/step_" in resumed
     assert int(resumed.split("step_", 1)[1][:8]) >= min(committed, 4)
     assert max(row["step"] for row in read_metrics(run_dir)) == steps
