@@ -19,15 +19,15 @@ from dtrain.distributed import collectives
 from dtrain.distributed.env import DistEnv, discover_env
 from dtrain.logs import setup_logging
 
-USAGE = """usage: dtrain [hydra overrides...]            train (e.g. dtrain model=gpt_tiny trainer.max_steps=50)
+USAGE = f"""usage: dtrain [hydra overrides...]            train (e.g. dtrain model=gpt_tiny trainer.max_steps=50)
        dtrain validate [hydra overrides...]   check a config without training
        dtrain plan --world-size N [--rank R] [overrides...]   mesh, shards and memory of N ranks, in one process
        dtrain ckpt ls|verify|inspect|export|latest   look at checkpoints (dtrain ckpt --help)
        dtrain launch torchrun|slurm|k8s [--nodes N] [--nproc-per-node P] [--out PATH] [--submit] [overrides...]
        torchrun --nproc-per-node=N -m dtrain [overrides...]
 
-exit codes: 0 done | 2 bad config or storage (nothing was started) | 75 preempted after a committed
-checkpoint (requeue me) | other: a crash"""
+exit codes: {exit_codes.OK} done | {exit_codes.CONFIG_ERROR} bad config or storage (nothing was started) |
+{exit_codes.PREEMPTED} preempted after a committed checkpoint (requeue me) | other: a crash"""
 
 EXIT_CONFIG_ERROR = exit_codes.CONFIG_ERROR
 

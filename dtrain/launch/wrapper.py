@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -149,27 +150,23 @@ class TorchrunSupervisor:
     def __init__(self, argv: list[str], env: dict[str, str], exit_dir: Path, shutdown_timeout_s: float):
         self.argv, self.env, self.exit_dir = argv, env, exit_dir
         self.shutdown_timeout_s = shutdown_timeout_s
-        self.agent_pid: int | None = None
+        self.agent: subprocess.Popen | None = None
         self.agent_code: int | None = None
-        self.signalled: int | None = None
         self._stopped_for_config_error = False
 
     def _forward(self, signum: int, frame: object) -> None:
-        self.signalled = signum
-        if self.agent_pid is not None and self.agent_code is None:
+        if self.agent is not None and self.agent_code is None:
             os.write(2, f"dtrain launch: forwarding {signal.Signals(signum).name} to torchrun\n".encode())
             try:
-                os.kill(self.agent_pid, signum)
+                os.kill(self.agent.pid, signum)
             except ProcessLookupError:
                 pass
 
     def run(self) -> int:
-        import subprocess
-
         _become_subreaper()
         previous = {sig: signal.signal(sig, self._forward) for sig in _FORWARDED}
         try:
-            self.agent_pid = subprocess.Popen(self.argv, env=self.env).pid
+            self.agent = subprocess.Popen(self.argv, env=self.env)
             self._reap_until_agent_exits()
             self._reap_orphans()
         finally:
@@ -187,8 +184,9 @@ class TorchrunSupervisor:
                 return
             if pid == 0:
                 return
-            if pid == self.agent_pid:
-                self.agent_code = os.waitstatus_to_exitcode(status)
+            if self.agent is not None and pid == self.agent.pid:
+                # reaped here, so Popen must not wait for it again
+                self.agent.returncode = self.agent_code = os.waitstatus_to_exitcode(status)
 
     def _reap_until_agent_exits(self) -> None:
         while self.agent_code is None:
@@ -205,8 +203,11 @@ class TorchrunSupervisor:
         if any(exit_codes.CONFIG_ERROR in codes.values() for codes in markers.values()):
             self._stopped_for_config_error = True
             time.sleep(3.0)  # the reporting rank's siblings linger 2 s so its message gets out
+            self._reap()
+            if self.agent_code is not None:
+                return
             try:
-                os.kill(self.agent_pid, signal.SIGTERM)
+                os.kill(self.agent.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
 

@@ -9,13 +9,14 @@ After `scontrol requeue` Slurm holds a job for a while (BeginTime); the tests re
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from dtrain.launch.cli import render
-from tests.helpers import TINY, read_metrics, script_env, torchrun
+from tests.helpers import TINY, read_metrics, run_cmd, script_env, torchrun
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
 
@@ -143,7 +144,7 @@ def test_unusable_storage_exits_2_and_is_not_requeued(tmp_path):
 
 @pytest.mark.parametrize("failpoint,retries,attempts,reason", [
     # every attempt commits a new step and then dies: retried exactly max_crash_retries times
-    ("mid_retention@0", 2, 3, "no retries left"),
+    ("mid_retention@0", 1, 2, "no retries left"),
     # every attempt dies before its first commit: the second crash has made no progress
     ("mid_shard@*#4", 5, 2, "no checkpoint progress since the last crash"),
 ])
@@ -159,3 +160,17 @@ def test_crashes_are_retried_a_bounded_number_of_times(tmp_path, failpoint, retr
     assert info["Restarts"] == str(attempts - 1), log[-4000:]
     assert log.count("dtrain failpoint") >= attempts
     assert f"crash {attempts} (exit 1): {reason}" in log, log[-4000:]
+
+
+def test_a_two_point_submitit_sweep_completes(tmp_path):
+    """`hydra/launcher=submitit_slurm` with -m: one Slurm job per point (submitit's array), each a dtrain run."""
+    wait_for_idle()
+    result = run_cmd([sys.executable, "-m", "dtrain", "launch", "sweep", "-m", "strategy=single", "trainer.max_steps=3",
+                      "trainer.seed=1,2", *TINY, "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
+                      "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+                     timeout=240, cwd=tmp_path, env=job_env())
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("slurm-") for r in runs)
+    first_losses = [read_metrics(r)[0]["loss"] for r in runs]
+    assert all(len(read_metrics(r)) == 3 for r in runs) and first_losses[0] != first_losses[1]  # two seeds
