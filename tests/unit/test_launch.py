@@ -172,3 +172,23 @@ def test_unknown_launcher_kind(capsys):
     assert "unknown launcher 'nomad'" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         render("slurm", ["model=nope"])
+
+
+def test_a_node_waits_for_the_rendezvous_port_and_names_it(monkeypatch):
+    """Pod 1 (not the rendezvous host) waits for node 0's port; a port that never opens is a clear timeout."""
+    import time
+
+    from dtrain.launch.wrapper import wait_for_host
+    from tests.helpers import free_port
+
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    port = free_port()
+    started = time.monotonic()
+    refused = f"rendezvous host localhost:{port} .* did not accept connections within 1 s"
+    with pytest.raises(RuntimeError, match=refused):
+        wait_for_host("localhost", port, 1.0)
+    assert time.monotonic() - started < 10
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    wait_for_host("localhost", port, 1.0)  # pod 0 hosts the rendezvous itself: no wait
+    with pytest.raises(ConfigError, match="rendezvous host 'no-such-host.invalid' did not resolve within 0.5 s"):
+        wait_for_host("no-such-host.invalid", port, 0.5)
