@@ -142,7 +142,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         saved = OmegaConf.create(storage.read_bytes(posixpath.join(step, "config.yaml")).decode())
         # the saved config is redacted; redact the current one too, so a current secret is never printed
         current = OmegaConf.create(redacted_container(load_config(args.overrides, manifest.world_size)))
-        ignored = ("run.", "checkpoint.", "logging.")
+        ignored = ("run.", "checkpoint.", "logging.", "launcher.")  # how a run is stored or launched
         differing = [k for k in diff_keys(saved, current) if not k.startswith(ignored)]
         _say(f"  config diff against `{' '.join(args.overrides)}` ({len(differing)} keys):")
         for key in differing:

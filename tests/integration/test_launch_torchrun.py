@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from dtrain.checkpoint.manager import committed_steps
 from dtrain.checkpoint.storage import Storage
 from dtrain.launch.cli import render
@@ -38,6 +40,7 @@ def test_a_rendezvous_host_that_never_resolves_is_a_clear_timeout(tmp_path):
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.slow  # ~45 s on 2 shared cores; the wrapper's other paths run in the default suite
 def test_a_crashed_worker_group_restarts_in_place_and_resumes(tmp_path):
     """--max-restarts with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: rank 0 is killed after committing step 8;
     torchrun restarts both workers, they resume from step 8 and finish; the wrapper exits 0."""
