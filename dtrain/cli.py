@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Sequence
 
+from dtrain import exit_codes
 from dtrain.config.compose import config_hash, write_resolved
 from dtrain.config.errors import ConfigError
 from dtrain.config.validate import load_config
@@ -18,16 +19,17 @@ from dtrain.distributed import collectives
 from dtrain.distributed.env import DistEnv, discover_env
 from dtrain.logs import setup_logging
 
-USAGE = """usage: dtrain [hydra overrides...]            train (e.g. dtrain model=gpt_tiny trainer.max_steps=50)
+USAGE = f"""usage: dtrain [hydra overrides...]            train (e.g. dtrain model=gpt_tiny trainer.max_steps=50)
        dtrain validate [hydra overrides...]   check a config without training
        dtrain plan --world-size N [--rank R] [overrides...]   mesh, shards and memory of N ranks, in one process
-       dtrain ckpt ls|verify|inspect|export   look at checkpoints (dtrain ckpt --help)
+       dtrain ckpt ls|verify|inspect|export|latest   look at checkpoints (dtrain ckpt --help)
+       dtrain launch torchrun|slurm|k8s [--nodes N] [--nproc-per-node P] [--out PATH] [--submit] [overrides...]
        torchrun --nproc-per-node=N -m dtrain [overrides...]
 
-exit codes: 0 done | 2 bad config or storage (nothing was started) | 75 preempted after a committed
-checkpoint (requeue me) | other: a crash"""
+exit codes: {exit_codes.OK} done | {exit_codes.CONFIG_ERROR} bad config or storage (nothing was started) |
+{exit_codes.PREEMPTED} preempted after a committed checkpoint (requeue me) | other: a crash"""
 
-EXIT_CONFIG_ERROR = 2
+EXIT_CONFIG_ERROR = exit_codes.CONFIG_ERROR
 
 
 def _report(error: ConfigError, env: DistEnv) -> int:
@@ -129,6 +131,10 @@ def run(argv: Sequence[str]) -> int:
         from dtrain.checkpoint.cli import main as ckpt_main
 
         return ckpt_main(argv[1:])
+    if argv and argv[0] == "launch":
+        from dtrain.launch.cli import main as launch_main
+
+        return launch_main(argv[1:])
     if argv and argv[0] == "plan":
         from dtrain.dryrun import cmd_plan
 
@@ -145,6 +151,7 @@ def _several_ranks() -> bool:
 
 def main() -> None:
     code = run(sys.argv[1:])
+    exit_codes.write_marker(code)  # for `dtrain launch run`, which cannot learn it through torchrun
     sys.stdout.flush()
     sys.stderr.flush()
     if _several_ranks():

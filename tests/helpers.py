@@ -212,3 +212,10 @@ def nccl_device_rule() -> None:
     mode = DtrainDefaultDevice()
     mode.__enter__()
     _NCCL_RULE = (library, mode)
+
+
+def script_env(**extra: str | None) -> dict[str, str]:
+    """Environment for rendered launcher scripts, which call plain `python`: this interpreter's folder first on
+    PATH and this checkout importable, as a user's activated virtualenv would have it."""
+    venv_bin = str(Path(sys.executable).parent)
+    return subprocess_env(PYTHONPATH=str(REPO), PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}", **extra)

@@ -1,4 +1,4 @@
-"""``dtrain ckpt ls|verify|inspect|export``: look at checkpoints without starting a job.
+"""``dtrain ckpt ls|verify|inspect|export|latest``: look at checkpoints without starting a job.
 
 Works on any fsspec URI; storage options (e.g. an S3 endpoint) via ``-o endpoint_url=http://...``;
 credentials from the environment, never printed.
@@ -74,6 +74,33 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latest(args: argparse.Namespace) -> int:
+    """The newest committed step (or ``none``): what a launcher compares to see whether retries make progress.
+
+    ``--config [overrides]`` reads ``checkpoint.uri`` from the config as the job resolves it (its run name
+    comes from the job's id, e.g. ``slurm-<id>``), so a batch script need not know the resolved URI."""
+    from dtrain.checkpoint.manager import committed_steps
+
+    if args.config:
+        from omegaconf import OmegaConf
+
+        from dtrain.config.compose import compose_config
+
+        cfg, problems = compose_config(args.target)
+        if cfg is None or problems:
+            _say(f"dtrain ckpt latest: {'; '.join(problems)}", file=sys.stderr)
+            return EXIT_BAD
+        options = OmegaConf.to_container(cfg.checkpoint.storage_options, resolve=True)
+        storage = Storage(cfg.checkpoint.uri, {**options, **_options(args.option)})
+    else:
+        if len(args.target) != 1:
+            raise SystemExit("dtrain ckpt latest: give one URI, or --config [overrides...]")
+        storage = Storage(args.target[0], _options(args.option))
+    steps = committed_steps(storage)
+    print(steps[-1] if steps else "none")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     root, step = _split_step(args.uri)
     storage = Storage(root, _options(args.option))
@@ -117,7 +144,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         saved = OmegaConf.create(storage.read_bytes(posixpath.join(step, "config.yaml")).decode())
         # the saved config is redacted; redact the current one too, so a current secret is never printed
         current = OmegaConf.create(redacted_container(load_config(args.overrides, manifest.world_size)))
-        ignored = ("run.", "checkpoint.", "logging.")
+        ignored = ("run.", "checkpoint.", "logging.", "launcher.")  # how a run is stored or launched
         differing = [k for k in diff_keys(saved, current) if not k.startswith(ignored)]
         _say(f"  config diff against `{' '.join(args.overrides)}` ({len(differing)} keys):")
         for key in differing:
@@ -193,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="output file (.safetensors or .pt)")
     export.add_argument("--format", choices=("safetensors", "torch"), default=None)
     export.set_defaults(fn=cmd_export)
+    latest = sub.add_parser("latest", help="print the newest committed step (or none)")
+    latest.add_argument("target", nargs="*", help="a checkpoint URI, or with --config the overrides of a config")
+    latest.add_argument("--config", action="store_true", help="take checkpoint.uri from the config")
+    latest.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE")
+    latest.set_defaults(fn=cmd_latest)
     return parser
 
 

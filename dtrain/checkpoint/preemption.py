@@ -4,7 +4,8 @@ Doing the save inside the handler would run DCP collectives from a signal contex
 the others are mid-step; agreeing first (one small non-blocking all-reduce per step, overlapped with the
 step) keeps every rank in lockstep. The ballot lives on the training device: NCCL has no backend for
 CPU tensors, and on a GPU the vote is then one more tiny collective on the stream that is running anyway.
-Exit code ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "try again") tells Slurm / Kubernetes to requeue.
+Exit code ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "try again") tells Slurm / Kubernetes to requeue
+(the whole contract: ``dtrain/exit_codes.py``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from dtrain import exit_codes
 from dtrain.distributed import collectives
 
-EXIT_PREEMPTED = 75
-EXIT_NOT_SAVED = 1  # a crash for the launcher: the preemption checkpoint could not be made
+EXIT_PREEMPTED = exit_codes.PREEMPTED
+EXIT_NOT_SAVED = exit_codes.CRASH  # the preemption checkpoint could not be made: a crash for the launcher
 
 
 class Preempted(Exception):

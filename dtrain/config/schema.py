@@ -137,6 +137,47 @@ class CheckpointConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """How ``dtrain launch torchrun|slurm|k8s`` runs this config on a cluster (dtrain/launch/).
+
+    One flat node for every platform, like ``strategy``: keys a platform does not use are ignored by it.
+    """
+
+    kind: str = "torchrun"  # torchrun | slurm | k8s
+    job_name: str = "dtrain"  # Slurm job name; Kubernetes Job and Service name
+    nodes: int = 1
+    nproc_per_node: int = 1  # training processes per node (one per GPU on a GPU node)
+    gpus_per_node: int = 0
+    cpus_per_node: Optional[int] = None  # Slurm --cpus-per-task of the one task per node; Kubernetes cpu request
+    memory: Optional[str] = None  # per node: Slurm --mem (e.g. 200G), Kubernetes memory request (e.g. 200Gi)
+    time_limit: Optional[str] = None  # Slurm --time (HH:MM:SS or D-HH:MM:SS); Kubernetes activeDeadlineSeconds
+    # time between the preemption signal and SIGKILL; None: derived from the checkpoint save estimate
+    grace_period_s: Optional[float] = None
+    save_time_s: Optional[float] = None  # a measured save time (dtrain logs "committed ... in X s"); None: estimate
+    write_mb_s: float = 500.0  # checkpoint write bandwidth of one node, for the estimate
+    grace_margin: float = 2.0  # grace >= margin x save time + stop_overhead_s
+    stop_overhead_s: float = 15.0  # signal -> save start (up to two training steps) plus process teardown
+    max_restarts: int = 0  # torchrun's in-place restarts of a crashed worker group, before the scheduler retries
+    max_crash_retries: int = 2  # scheduler retries of a crash (Slurm requeues, Kubernetes backoffLimitPerIndex)
+    rdzv_port: int = 29400  # torchrun and Kubernetes; Slurm derives a port from the job id
+    rdzv_timeout_s: float = 900.0  # how long nodes wait for the rendezvous host (DNS, then its port)
+    python: str = "python"  # the interpreter that has dtrain installed, on the nodes
+    setup: list[str] = field(default_factory=list)  # shell lines before training (module load, venv activate)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the training processes
+    # Slurm
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    output: str = "slurm-%x-%j.out"  # appended to across requeues
+    # Kubernetes
+    namespace: str = "default"
+    image: Optional[str] = None
+    env_from: Optional[str] = None  # a Kubernetes Secret whose keys become the pods' environment (storage credentials)
+    service_account: Optional[str] = None
+    node_selector: dict[str, str] = field(default_factory=dict)
+    shm_size: str = "16Gi"  # /dev/shm of each pod (data-loader workers, NCCL)
+
+
+@dataclass
 class GPTSchema:
     _target_: str = "dtrain.models.gpt.GPT"
     vocab_size: int = MISSING
@@ -187,6 +228,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     model: Any = MISSING
     data: Any = MISSING
 
@@ -200,6 +242,7 @@ def register_schemas() -> None:
     cs.store(group="logging", name="logging_schema", node=LoggingConfig)
     cs.store(group="hardware", name="hardware_schema", node=HardwareConfig)
     cs.store(group="checkpoint", name="checkpoint_schema", node=CheckpointConfig)
+    cs.store(group="launcher", name="launcher_schema", node=LauncherConfig)
     cs.store(group="model", name="gpt_schema", node=GPTSchema)
     cs.store(group="data", name="stdlib_schema", node=StdlibCorpusSchema)
     cs.store(group="data", name="memmap_schema", node=MemmapSchema)

@@ -8,7 +8,7 @@ from dtrain.config.compose import compose_config, config_hash, diff_keys, group_
 from dtrain.config.errors import ConfigError
 from dtrain.config.validate import load_config
 
-GROUPS = ("model", "data", "strategy", "optim", "logging", "hardware", "experiment")
+GROUPS = ("model", "data", "strategy", "optim", "logging", "hardware", "experiment", "launcher")
 NEEDS = {("data", "memmap"): ["data.train_path=/dev/null"],  # validated separately below
          **{("strategy", name): ["model.tie_embeddings=false"] for name in ("pp", "pp_fsdp", "3d")}}
 # the smallest world each strategy's default degrees fit
