@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dtrain import exit_codes
-from dtrain.config.errors import ConfigError
+from dtrain.config.errors import ArgumentParser, ConfigError
 
 USAGE = """usage: dtrain launch torchrun|slurm|k8s [--nodes N] [--nproc-per-node P] [--out PATH] [--submit] [overrides]
        dtrain launch run [torchrun options] [--host-timeout-s S] -- [overrides...]   (what launchers run per node)
@@ -28,7 +28,7 @@ launcher.partition=gpu launcher.time_limit=04:00:00 launcher.image=REPO/dtrain:T
 
 
 def _parser(kind: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"dtrain launch {kind}", add_help=False)
+    parser = ArgumentParser(prog=f"dtrain launch {kind}", add_help=False)
     parser.add_argument("--nodes", type=int)
     parser.add_argument("--nproc-per-node", type=int)
     parser.add_argument("--out", type=Path)
@@ -98,7 +98,7 @@ def main(argv: Sequence[str]) -> int:
 
         return cmd_sweep(rest)
     if kind not in ("torchrun", "slurm", "k8s"):
-        print(f"dtrain: config error: unknown launcher '{kind}'; choose one of: torchrun, slurm, k8s\n{USAGE}",
-              file=sys.stderr)
+        print(f"dtrain: config error: unknown launcher '{kind}'; choose one of: torchrun, slurm, k8s (dtrain launch "
+              "--help shows the options)", file=sys.stderr)
         return exit_codes.CONFIG_ERROR
     return cmd_render(kind, rest)

@@ -46,6 +46,7 @@ def live_lease(run_dir: Path) -> None:
                                                    "renewed_unix": now}))
 
 
+SUBCOMMANDS = ("validate", "plan", "ckpt", "launch")
 # (id, argv, environment, what the one line must contain); "{committed}" is the committed run's folder
 CASES = [
     # config groups
@@ -57,6 +58,7 @@ CASES = [
     ("hardware group", ["hardware=nope"], {}, "unknown hardware 'nope'"),
     ("checkpoint group", ["checkpoint=nope"], {}, "unknown checkpoint 'nope'"),
     ("experiment group", ["experiment=nope"], {}, "unknown experiment 'nope'"),
+    ("launcher group", ["launcher=nope"], {}, "unknown launcher 'nope'"),
     ("unknown key", ["trainer.nonexistent=1"], {}, "trainer.nonexistent"),
     ("wrong type", ["trainer.max_steps=abc"], {}, "trainer.max_steps"),
     ("negative lr", ["optim.lr=-1"], {}, "optim.lr=-1.0 must be positive"),
@@ -110,6 +112,12 @@ CASES = [
     ("ckpt ls of a bad uri", ["ckpt", "ls", "s3://"], {}, "names no bucket or host"),
     ("ckpt verify of nothing", ["ckpt", "verify", "/nonexistent/dtrain"], {}, "no checkpoint steps under"),
     ("ckpt inspect of a root", ["ckpt", "inspect", "{committed}/checkpoints"], {}, "give the URI of one step"),
+    ("launch without a partition", ["launch", "slurm", "--nodes", "2"], {}, "launcher.partition is required"),
+    ("launch a local store on k8s", ["launch", "k8s", "--nodes", "2", "launcher.image=x"], {}, "share no disk"),
+    ("launch degrees that do not fit", ["launch", "torchrun", "--nproc-per-node", "3", "strategy=fsdp_tp",
+                                        "strategy.tp=2"], {}, "is not divisible by strategy.tp=2"),
+    ("launch an unknown launcher", ["launch", "frob"], {}, "unknown launcher 'frob'"),
+    ("launch a bad option value", ["launch", "slurm", "--nodes", "zero"], {}, "invalid int value: 'zero'"),
     ("ckpt export into a missing folder", ["ckpt", "export", "{committed}/checkpoints/step_00000002",
                                            "/nonexistent/dir/m.safetensors"], {}, "/nonexistent/dir"),
 ]
@@ -128,7 +136,7 @@ def test_bad_input_is_one_line_and_touches_nothing(case, argv, environ, expected
             monkeypatch.delenv(key, raising=False)
         else:
             monkeypatch.setenv(key, value)
-    subcommand = argv[:1] if argv and argv[0] in ("validate", "plan", "ckpt") else []
+    subcommand = argv[:1] if argv and argv[0] in SUBCOMMANDS else []
     rest = argv[len(subcommand):]
     if subcommand or any(a.startswith("run.dir=") for a in rest):
         full = argv
@@ -158,4 +166,4 @@ def test_the_sweep_covers_every_config_group_and_subcommand():
     covered = {case[1][0].split("=")[0] for case in CASES if case[1] and "=" in case[1][0]}
     assert groups <= covered, f"config groups without a bad-input case: {sorted(groups - covered)}"
     assert len(CASES) >= 30
-    assert {"validate", "plan", "ckpt"} <= {case[1][0] for case in CASES if case[1]}
+    assert set(SUBCOMMANDS) <= {case[1][0] for case in CASES if case[1]}
