@@ -25,7 +25,7 @@ from dtrain.metrics.throughput import peak_memory_bytes, step_throughput
 from dtrain.models import build_model
 from dtrain.models.generate import generate
 from dtrain.optim import build_optimizer, build_scheduler
-from dtrain.parallel.memory import check_memory_fit
+from dtrain.parallel.memory import ADAM_STATES, check_memory_fit, local_numel_and_bytes, optimizer_params
 from dtrain.strategies import Strategy, StepSpec, build_strategy
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,10 @@ class Trainer:
         if self._grace_warned or not self.env.is_rank_zero:
             return
         if write_bandwidth:
-            state_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.strategy.state_dict()))
+            # from the parameters, not from strategy.state_dict(): building a state dict initializes an empty
+            # optimizer (a zero step), and doing that on rank 0 alone would desynchronize the ranks' Adam
+            _, param_bytes = local_numel_and_bytes(optimizer_params(self.strategy.optimizer))
+            state_bytes = param_bytes * (1 + ADAM_STATES)
             estimate, how = state_bytes / write_bandwidth, f"estimated from {state_bytes / 1e6:.0f} MB per rank at " \
                 f"{write_bandwidth / 1e6:.0f} MB/s"
         elif self.checkpoints.last_save_seconds is not None:
@@ -205,15 +208,3 @@ class Trainer:
         if self.env.is_rank_zero:
             print(f"\n--- sample after {self.step} steps ---\n{text}\n--- end of sample ---", flush=True)
         return text
-
-
-def _tensors(state: Any):
-    """Local tensors of a (nested) state dict; DTensors count their local shard only."""
-    if isinstance(state, dict):
-        for value in state.values():
-            yield from _tensors(value)
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            yield from _tensors(value)
-    elif isinstance(state, torch.Tensor):
-        yield state.to_local() if hasattr(state, "to_local") else state

@@ -20,6 +20,9 @@ OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def get_model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Not read-only: on an optimizer that has not stepped yet, torch's get_state_dict creates its state
+    with a zero-gradient step (Adam's step count becomes 1). Call it on every rank or on none, and only
+    when the state is really needed (a save, or a resume that found a step)."""
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     return {"model": model_state, "optim": optim_state}
 
