@@ -6,6 +6,7 @@ the key, the value and how to fix it.
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 from typing import Callable, Sequence
 
@@ -141,6 +142,8 @@ def check_monitoring(cfg: DictConfig, world_size: int) -> list[str]:
     problems = []
     if not 0 <= p.port <= 65535:
         problems.append(f"logging.prometheus.port={p.port} must be a TCP port in 1..65535, or 0 for off")
+    elif p.port and importlib.util.find_spec("prometheus_client") is None:
+        problems.append(f"logging.prometheus.port={p.port} needs prometheus_client: pip install 'dtrain[prometheus]'")
     for key, value, low, high, what in (
             ("logging.prometheus.alerts.no_progress_s", a.no_progress_s, 0.0, None, "seconds > 0"),
             ("logging.prometheus.alerts.throughput_drop_ratio", a.throughput_drop_ratio, 0.0, 1.0,

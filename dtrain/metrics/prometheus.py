@@ -108,6 +108,7 @@ class PrometheusExporter:
         self.checkpoint_interval_steps = cfg.checkpoint.interval_steps
         self.restarts = env.restart_count
         self.values: dict[str, Any] = {}
+        self.started_unix = time.time()
         self.step: int | None = None
         self.step_unix: float | None = None
         self.nonfinite = {"loss": 0, "grad_norm": 0}
@@ -207,8 +208,11 @@ class PrometheusExporter:
         if unix is not None:
             yield self._gauge("dtrain_checkpoint_timestamp_seconds", "unix time the newest checkpoint committed",
                               unix)
-            yield self._gauge("dtrain_checkpoint_age_seconds", "seconds since the newest checkpoint committed",
-                              max(0.0, time.time() - unix))
+        # with no checkpoint yet the age counts from the start of training, so a run that never manages
+        # its first commit is caught by the same alert
+        yield self._gauge("dtrain_checkpoint_age_seconds", "seconds since the newest checkpoint committed (or "
+                          "since training started, before the first commit)",
+                          max(0.0, time.time() - (unix if unix is not None else self.started_unix)))
         if seconds is not None:
             yield self._gauge("dtrain_checkpoint_save_duration_seconds", "the last save from start to commit "
                               "(background writing included)", seconds)
