@@ -178,7 +178,7 @@ class Trainer:
             metrics["ckpt_blocked_s"] = self.save_checkpoint()
         metrics.update(self.monitor.step_done(self.step, metrics))
         if (self.step % t.log_every == 0 or self.step == t.max_steps or "val_loss" in metrics
-                or "ckpt_blocked_s" in metrics):
+                or "ckpt_blocked_s" in metrics or "straggler_scores" in metrics):
             self.logger.log(self.step, metrics)
         self.monitor.enter("vote", self.step)
         if self.preemption is not None and self.preemption.agreed():

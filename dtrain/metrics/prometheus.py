@@ -140,12 +140,14 @@ class PrometheusExporter:
     # -- scrape thread (prometheus_client's Collector protocol) ---------------------------------------------
     def collect(self) -> Iterator[Any]:
         with self._lock:
-            try:
-                families = list(self._families())
-            except Exception as e:  # the exporter's own bug: count it, serve what we have, never raise
-                self.errors += 1
-                log.warning("rendering Prometheus metrics failed (training continues): %s", e)
-                families = []
+            families: list[Any] = []
+            for section in (self._progress, self._per_rank, self._job, self._checkpoint):
+                try:
+                    families += list(section())
+                except Exception as e:  # count it, serve the other sections, never raise into the scrape
+                    self.errors += 1
+                    log.warning("rendering Prometheus metrics (%s) failed; training continues: %s",
+                                section.__name__, e)
             yield from families
             yield self._counter("dtrain_exporter_errors", "failures while rendering these metrics", self.errors)
 
@@ -163,14 +165,16 @@ class PrometheusExporter:
         family.add_metric(list(self.labels.values()), value)
         return family
 
-    def _families(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily
-
+    def _progress(self) -> Iterator[Any]:
         if self.step is not None:
             yield self._gauge("dtrain_step", "optimizer steps completed", self.step)
             yield self._gauge("dtrain_last_step_timestamp_seconds", "unix time the last step finished",
                               self.step_unix)
-        yield from self._per_rank()
+
+    def _job(self) -> Iterator[Any]:
+        """Job-wide values: global rank 0's endpoint only."""
+        from prometheus_client.core import CounterMetricFamily
+
         if not self.global_rank0:
             return
         yield self._gauge("dtrain_run_info", "the run's constant facts (value 1)", 1.0, **self.info)
@@ -194,12 +198,13 @@ class PrometheusExporter:
         yield self._counter("dtrain_preemptions", "preemptions of this run (from the goodput ledger when present, "
                             "else this process's own signal)", preemptions if preemptions is not None
                             else float(self.state.preempted()))
-        yield from self._checkpoint()
         for name, value in self.thresholds.items():
             yield self._gauge(name, "alert threshold of this run (logging.prometheus.alerts, "
                               "monitor.straggler_threshold)", float(value))
 
     def _checkpoint(self) -> Iterator[Any]:
+        if not self.global_rank0:
+            return
         yield self._gauge("dtrain_checkpoint_interval_steps", "checkpoint.interval_steps (0: final saves only)",
                           self.checkpoint_interval_steps)
         step, unix, seconds = self.state.checkpoint_step(), self.state.checkpoint_unix(), self.state.save_seconds()
