@@ -136,7 +136,8 @@ class MonitorConfig:
     hang_timeout_s: float = 300.0
     heartbeat_s: float = 2.0  # how often each rank publishes its phase to the job's store
     # PyTorch Flight Recorder ring (entries per rank; TORCH_FR_BUFFER_SIZE / TORCH_NCCL_TRACE_BUFFER_SIZE);
-    # 0: off. Names the last collective of every rank in a hang; on NCCL it also dumps on a timeout
+    # 0: off (set explicitly: torch records gloo collectives by default). Names the last collective of every
+    # rank in a hang; on NCCL it also dumps on a collective timeout
     flight_recorder_entries: int = 2000
     straggler_window: int = 10  # steps per straggler score (one small all-gather per window); 0: off
     straggler_threshold: float = 0.8  # a score below this names the rank (log, metrics, and the alert)

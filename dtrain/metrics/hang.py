@@ -50,13 +50,12 @@ def enable_flight_recorder(run_dir: str, entries: int) -> None:
     when the group is created). A value the user already set wins. On NCCL the recorder also dumps on a
     collective timeout, into ``<run_dir>/hang/flight_recorder_rank_<rank>`` (the folder is made when the
     loop starts: a run refused as bad input leaves no trace)."""
-    if entries <= 0:
-        return
-    hang_dir = Path(run_dir) / "hang"
-    for key, value in (("TORCH_FR_BUFFER_SIZE", str(entries)), ("TORCH_NCCL_TRACE_BUFFER_SIZE", str(entries)),
-                       ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
-                       ("TORCH_FR_DUMP_TEMP_FILE", str(hang_dir / "flight_recorder_rank_")),
-                       ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(hang_dir / "flight_recorder_rank_"))):
+    settings = {"TORCH_FR_BUFFER_SIZE": str(entries), "TORCH_NCCL_TRACE_BUFFER_SIZE": str(entries)}
+    if entries > 0:  # 0 must be said explicitly: torch 2.13 records gloo collectives by default
+        dump = str(Path(run_dir) / "hang" / "flight_recorder_rank_")
+        settings.update({"TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_FR_DUMP_TEMP_FILE": dump,
+                         "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": dump})
+    for key, value in settings.items():
         os.environ.setdefault(key, value)
 
 
