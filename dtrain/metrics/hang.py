@@ -41,7 +41,7 @@ from dtrain import torch_private
 log = logging.getLogger(__name__)
 
 EXIT_HUNG = 1  # a crash for the launcher's exit-code contract: restart from the last committed checkpoint
-PHASE_ORDER = ("start", "data", "step", "eval", "checkpoint", "log", "vote", "end")
+PHASE_ORDER = ("start", "data", "step", "eval", "checkpoint", "vote")  # the order within one step
 _KEY = "dtrain/hang/{prefix}/{kind}/{rank}"
 
 
@@ -95,6 +95,8 @@ def _where(report: Report) -> str:
 
 def find_culprits(reports: dict[int, Report], world_size: int) -> tuple[list[int], str]:
     """(ranks holding the job up, one line saying what each was doing and why it is blamed)."""
+    if world_size == 1:
+        return [0], f"rank 0 ({_where(reports[0])})"
     silent = [r for r in range(world_size) if r not in reports or not reports[r].reported]
     if silent:
         parts = []

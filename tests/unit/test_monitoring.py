@@ -104,6 +104,23 @@ def test_a_failing_metric_source_never_reaches_training():
     assert "dtrain_alert_no_progress_seconds" in families  # the rest of the scrape still answered
 
 
+def test_an_exporter_that_raises_does_not_stop_the_step():
+    from dtrain.metrics.monitor import RunMonitor
+
+    class Broken:
+        def on_step(self, step, metrics):
+            raise OSError("disk full")
+
+        def close(self):
+            pass
+
+    monitor = RunMonitor(load_config(["monitor.straggler_window=0"], 1), DistEnv(0, 1, 0, 1, "", 0, "single"),
+                         __import__("torch").device("cpu"))
+    monitor.exporter = Broken()
+    assert monitor.step_done(1, {"loss": 1.0}) == {}
+    assert monitor.step_done(2, {"loss": 1.0}) == {}  # and again, warned once
+
+
 @pytest.mark.parametrize("override,key", [
     ("logging.prometheus.port=70000", "logging.prometheus.port=70000"),
     ("logging.prometheus.alerts.mfu_floor=1.5", "logging.prometheus.alerts.mfu_floor=1.5"),
@@ -151,6 +168,10 @@ def test_a_rank_that_never_reports_is_named_as_unresponsive():
     reports = {0: _report(0, 5, "step", 42, done=False), 1: _report(1, 5, "step", reported=False)}
     culprits, why = find_culprits(reports, 3)
     assert culprits == [1, 2] and "rank 2 sent no report (no heartbeat at all)" in why, why
+
+
+def test_a_single_process_names_itself():
+    assert find_culprits({0: _report(0, 3, "data")}, 1) == ([0], "rank 0 (step 3, phase 'data' for 30 s)")
 
 
 def test_ranks_stuck_at_the_same_point_are_all_named():
