@@ -95,6 +95,9 @@ def cmd_train(overrides: Sequence[str]) -> int:
     from dtrain.distributed.process_group import destroy_process_group, init_process_group, pick_backend, pick_device
     from dtrain.trainer import Trainer
 
+    from dtrain.metrics.hang import enable_flight_recorder
+
+    enable_flight_recorder(cfg.run.dir, cfg.monitor.flight_recorder_entries)  # before any process group
     device = pick_device(cfg.trainer.device, env)
     if env.source == "torchrun":
         from dtrain.distributed.watchdog import watch_parent

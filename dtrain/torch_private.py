@@ -12,6 +12,11 @@ a torch upgrade that moves or changes one fails there, by name, rather than deep
   FSDP2's hooks.
 - ``_resolve_process_group``: functional collectives name their group by a string; it is the only way
   to get the group's size back from that name.
+- ``_get_default_store``: the hang detector's heartbeats go through the job's own TCPStore (every rank
+  already reaches it, across nodes; a file in the run directory would need a shared file system).
+- Flight Recorder dumps (``_dump_fr_trace_json``, and ``_dump_nccl_trace_json`` in CUDA builds): the
+  only way to read a rank's own last collectives while it runs; torch documents the recorder and its
+  environment variables but exposes the dump only privately.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as Fsspec
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["FsspecFileSystem", "FsspecReader", "FsspecWriter", "TorchDispatchMode", "group_size_by_name",
-           "stop_checkpoint_process"]
+__all__ = ["FsspecFileSystem", "FsspecReader", "FsspecWriter", "TorchDispatchMode", "default_store",
+           "flight_recorder_json", "group_size_by_name", "stop_checkpoint_process"]
 
 
 def group_size_by_name(name: str) -> int:
@@ -46,3 +51,21 @@ def stop_checkpoint_process() -> None:
 def unbox_group(script_object) -> dist.ProcessGroup:
     """The ProcessGroup behind a boxed group argument of a c10d op."""
     return dist.ProcessGroup.unbox(script_object)
+
+
+def default_store() -> dist.Store | None:
+    """The default process group's store (torchrun's TCPStore), or None without a group."""
+    if not dist.is_initialized():
+        return None
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
+def flight_recorder_json(nccl: bool) -> bytes | str | None:
+    """This rank's Flight Recorder ring as JSON (collectives only, no stacks), or None when unavailable."""
+    import torch._C._distributed_c10d as c10d
+
+    dump = getattr(c10d, "_dump_nccl_trace_json", None) if nccl else None
+    dump = dump or getattr(c10d, "_dump_fr_trace_json", None)
+    return dump(True, False) if dump is not None else None

@@ -21,6 +21,7 @@ from dtrain.config.errors import ConfigError
 from dtrain.data.loader import ResumableLoader, build_dataset, eval_batches
 from dtrain.distributed.env import DistEnv
 from dtrain.metrics.loggers import MetricLogger, build_loggers
+from dtrain.metrics.monitor import RunMonitor
 from dtrain.metrics.throughput import peak_memory_bytes, step_throughput
 from dtrain.models import build_model
 from dtrain.models.generate import generate
@@ -35,11 +36,13 @@ class Trainer:
     def __init__(self, cfg: DictConfig, env: DistEnv, device: torch.device, strategy: Strategy,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: ResumableLoader,
                  val_dataset: Dataset | None, logger: MetricLogger, flops_per_token: float | None,
-                 checkpoints: CheckpointManager, preemption: PreemptionWatcher | None = None):
+                 checkpoints: CheckpointManager, preemption: PreemptionWatcher | None = None,
+                 monitor: RunMonitor | None = None):
         self.cfg, self.env, self.device, self.strategy = cfg, env, device, strategy
         self.scheduler, self.train_loader, self.val_dataset = scheduler, train_loader, val_dataset
         self.logger, self.flops_per_token = logger, flops_per_token
         self.checkpoints, self.preemption = checkpoints, preemption
+        self.monitor = monitor if monitor is not None else RunMonitor.off(env, device)
         self.step = 0
         self.tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
         self._grace_warned = False
@@ -49,6 +52,8 @@ class Trainer:
               write_bandwidth: float | None = None) -> "Trainer":
         """Wire every part from a validated config, then resume from the newest committed checkpoint."""
         t = cfg.trainer
+        monitor = RunMonitor.build(cfg, env, device, {"strategy": cfg.strategy.name, "world_size": str(env.world_size),
+                                                      "model": cfg.model._target_.rsplit(".", 1)[-1]})
         torch.manual_seed(t.seed + env.rank)  # dropout and sampling differ per rank; weights do not
         train_set = build_dataset(cfg.data, "train")
         val_set = build_dataset(cfg.data, "val") if t.eval_every > 0 else None
@@ -69,14 +74,16 @@ class Trainer:
                  strategy.dp_size, t.global_batch_size, t.micro_batch_size, accumulation, strategy.dp_size,
                  t.global_batch_size * cfg.data.seq_len, cfg.run.dir)
         checkpoints = CheckpointManager(cfg, env, config_hash(cfg), strategy.name)
+        preemption = PreemptionWatcher(list(cfg.checkpoint.preemption_signals), device, cfg.checkpoint.grace_period_s,
+                                       lambda: checkpoints.newest_committed)
+        monitor.attach(checkpoints, preemption, role=getattr(strategy, "pp_rank", 0))
         trainer = cls(cfg, env, device, strategy, scheduler, loader, val_set, build_loggers(cfg, env.is_rank_zero),
-                      flops, checkpoints,
-                      PreemptionWatcher(list(cfg.checkpoint.preemption_signals), device, cfg.checkpoint.grace_period_s,
-                                        lambda: checkpoints.newest_committed))
+                      flops, checkpoints, preemption, monitor)
         try:
             trainer.resume()
         except BaseException:
             checkpoints.close()  # releases the writer lease
+            monitor.close()
             raise
         trainer.warn_if_save_exceeds_grace(write_bandwidth)
         return trainer
@@ -135,12 +142,16 @@ class Trainer:
     def run_step(self) -> dict[str, Any]:
         """One optimizer step with its measurements. Step time includes waiting for data."""
         start = time.perf_counter()
+        self.monitor.enter("data", self.step + 1)
         batch = next(self.train_loader)
         data_time = time.perf_counter() - start
         lr = self.scheduler.get_last_lr()[0]
+        self.monitor.enter("step", self.step + 1)
+        cpu_start = time.thread_time()
         result = self.strategy.train_step(batch)
         self.scheduler.step()
         loss = result.loss.item()  # synchronizes the device, so the clock below is honest
+        self.monitor.compute_done(cpu_start)
         step_time = time.perf_counter() - start
         self.step += 1
         metrics: dict[str, Any] = {"loss": loss, "lr": lr, "step_time_s": step_time,
@@ -163,14 +174,19 @@ class Trainer:
         t = self.cfg.trainer
         metrics = self.run_step()
         if self.val_dataset is not None and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+            self.monitor.enter("eval", self.step)
             metrics["val_loss"] = self.evaluate()
         if self.checkpoints.due(self.step):
+            self.monitor.enter("checkpoint", self.step)
             metrics["ckpt_blocked_s"] = self.save_checkpoint()
+        metrics.update(self.monitor.step_done(self.step, metrics))
         if (self.step % t.log_every == 0 or self.step == t.max_steps or "val_loss" in metrics
-                or "ckpt_blocked_s" in metrics):
+                or "ckpt_blocked_s" in metrics or "straggler_scores" in metrics):
             self.logger.log(self.step, metrics)
+        self.monitor.enter("vote", self.step)
         if self.preemption is not None and self.preemption.agreed():
             self.preemption.saving()
+            self.monitor.enter("checkpoint", self.step)
             self.save_checkpoint(blocking=True)
             self.checkpoints.finalize()
             raise Preempted(self.step, self.preemption.signal_name)
@@ -180,13 +196,16 @@ class Trainer:
         metrics: dict[str, Any] = {}
         if self.step:
             log.info("continuing at step %d of %d", self.step, self.cfg.trainer.max_steps)
+        self.monitor.start()
         try:
             while self.step < self.cfg.trainer.max_steps:
                 metrics = self.advance()
+            self.monitor.enter("checkpoint", self.step)
             if self.cfg.checkpoint.save_final:
                 self.save_checkpoint(blocking=True)
             self.checkpoints.finalize()
         finally:
+            self.monitor.close()
             self.logger.close()
             self.checkpoints.close()
             if self.preemption is not None:

@@ -163,6 +163,7 @@ class CheckpointManager:
         self._corrupt: set[int] = set()  # committed steps that failed verification at resume (rank 0)
         self.lineage = uuid.uuid4().hex[:12]  # replaced by the resumed step's lineage
         self.newest_committed: int | None = None  # resumed from, or committed since (rank 0 knows the latter)
+        self.newest_committed_unix: float | None = None  # its commit time (the manifest's), for its age
         self.lease: WriterLease | None = None
         self.writer = collectives.on_rank_zero(self._acquire_lease)
 
@@ -315,7 +316,7 @@ class CheckpointManager:
         self.storage.write_bytes(posixpath.join(name, MANIFEST), manifest.to_json())
         self.storage.sync_dir(name)  # and the manifest's own entry: now the step is committed
         self._trusted.add(step)
-        self.newest_committed = step
+        self.newest_committed, self.newest_committed_unix = step, manifest.created_unix
         self.last_save_seconds = seconds
         log.info("committed %s (%.1f MB in %.2f s)", self.storage.url(name), manifest.total_bytes / 1e6, seconds)
         self._wait_for_retention()
@@ -433,6 +434,7 @@ class CheckpointManager:
             torch.manual_seed(self.full_cfg.trainer.seed * 100_003 + manifest.step * 1_009 + self.env.rank)
         self.lineage = manifest.lineage
         self.newest_committed = manifest.step if storage is self.storage else None
+        self.newest_committed_unix = manifest.created_unix if storage is self.storage else None
         if storage is self.storage:
             self._trusted.add(manifest.step)  # verified just now: saving it again would only risk it
         log.info("resumed from %s (step %d, saved by %d ranks with strategy %s) in %.2f s", url, manifest.step,

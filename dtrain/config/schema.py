@@ -99,11 +99,48 @@ class TensorBoardConfig:
 
 
 @dataclass
+class AlertThresholds:
+    """Exported as ``dtrain_alert_*`` gauges that the rules in deploy/monitoring/ compare against, so each
+    run carries its own thresholds and the rule files stay static (see dtrain/metrics/prometheus.py)."""
+
+    no_progress_s: float = 900.0  # no optimizer step for this long
+    throughput_drop_ratio: float = 0.5  # tokens/s below this share of the run's own 1-hour median
+    mfu_floor: float = 0.0  # MFU below this (0..1); 0 switches the alert off
+    checkpoint_intervals: float = 3.0  # newest committed checkpoint older than this many checkpoint intervals
+    restart_storm_restarts: int = 3  # this many restarts within an hour without checkpoint progress
+
+
+@dataclass
+class PrometheusConfig:
+    port: int = 0  # 0: off; else local rank 0 of every node serves /metrics on addr:port
+    addr: str = "127.0.0.1"  # 0.0.0.0 to be scraped from another host
+    alerts: AlertThresholds = field(default_factory=AlertThresholds)
+
+
+@dataclass
 class LoggingConfig:
     level: str = "INFO"
     progress: str = "auto"  # auto (a bar on a terminal, lines otherwise) | bar | lines | off
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+
+
+@dataclass
+class MonitorConfig:
+    """Hang and straggler detection (dtrain/metrics/hang.py, dtrain/metrics/straggler.py)."""
+
+    # a rank that makes no progress (no phase or step change) for this long ends the job with a named
+    # culprit and trace dumps in <run.dir>/hang/; 0: off. Longer than the slowest legitimate phase
+    # (first step with compile, a checkpoint save); shorter than dist.timeout_s to beat the collective timeout
+    hang_timeout_s: float = 300.0
+    heartbeat_s: float = 2.0  # how often each rank publishes its phase to the job's store
+    # PyTorch Flight Recorder ring (entries per rank; TORCH_FR_BUFFER_SIZE / TORCH_NCCL_TRACE_BUFFER_SIZE);
+    # 0: off (set explicitly: torch records gloo collectives by default). Names the last collective of every
+    # rank in a hang; on NCCL it also dumps on a collective timeout
+    flight_recorder_entries: int = 2000
+    straggler_window: int = 10  # steps per straggler score (one small all-gather per window); 0: off
+    straggler_threshold: float = 0.8  # a score below this names the rank (log, metrics, and the alert)
 
 
 @dataclass
@@ -229,6 +266,7 @@ class TrainConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     model: Any = MISSING
     data: Any = MISSING
 

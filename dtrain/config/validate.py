@@ -6,6 +6,7 @@ the key, the value and how to fix it.
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 from typing import Callable, Sequence
 
@@ -135,12 +136,43 @@ def check_checkpoint(cfg: DictConfig, world_size: int) -> list[str]:
     return problems
 
 
+def check_monitoring(cfg: DictConfig, world_size: int) -> list[str]:
+    """Prometheus port and alert thresholds, hang and straggler settings: each a number in its range."""
+    p, a, m = cfg.logging.prometheus, cfg.logging.prometheus.alerts, cfg.monitor
+    problems = []
+    if not 0 <= p.port <= 65535:
+        problems.append(f"logging.prometheus.port={p.port} must be a TCP port in 1..65535, or 0 for off")
+    elif p.port and importlib.util.find_spec("prometheus_client") is None:
+        problems.append(f"logging.prometheus.port={p.port} needs prometheus_client: pip install 'dtrain[prometheus]'")
+    for key, value, low, high, what in (
+            ("logging.prometheus.alerts.no_progress_s", a.no_progress_s, 0.0, None, "seconds > 0"),
+            ("logging.prometheus.alerts.throughput_drop_ratio", a.throughput_drop_ratio, 0.0, 1.0,
+             "a share of the median in (0, 1]"),
+            ("logging.prometheus.alerts.checkpoint_intervals", a.checkpoint_intervals, 0.0, None, "a count > 0"),
+            ("logging.prometheus.alerts.restart_storm_restarts", a.restart_storm_restarts, 0, None, "a count > 0"),
+            ("monitor.straggler_threshold", m.straggler_threshold, 0.0, 1.0, "a score in (0, 1]")):
+        if not (value > low and (high is None or value <= high)):
+            problems.append(f"{key}={value} must be {what}")
+    if not 0.0 <= a.mfu_floor < 1.0:  # written so that nan fails too
+        problems.append(f"logging.prometheus.alerts.mfu_floor={a.mfu_floor} must be in [0, 1) (0 switches it off)")
+    if not m.hang_timeout_s >= 0:
+        problems.append(f"monitor.hang_timeout_s={m.hang_timeout_s} must be >= 0 (0 switches hang detection off)")
+    if not m.heartbeat_s > 0 or (m.hang_timeout_s > 0 and m.heartbeat_s * 2 > m.hang_timeout_s):
+        problems.append(f"monitor.heartbeat_s={m.heartbeat_s} must be positive and at most half of "
+                        f"monitor.hang_timeout_s={m.hang_timeout_s}")
+    if m.flight_recorder_entries < 0:
+        problems.append(f"monitor.flight_recorder_entries={m.flight_recorder_entries} must be >= 0 (0: off)")
+    if m.straggler_window < 0 or m.straggler_window == 1:
+        problems.append(f"monitor.straggler_window={m.straggler_window} must be 0 (off) or at least 2 steps")
+    return problems
+
+
 def check_strategy_fits(cfg: DictConfig, world_size: int) -> list[str]:
     return check_strategy(cfg, world_size)
 
 
 CHECKS: tuple[Check, ...] = (check_numbers, check_choices, check_strategy_fits, check_batch, check_model_and_data,
-                             check_checkpoint)
+                             check_checkpoint, check_monitoring)
 
 
 def find_problems(cfg: DictConfig, world_size: int) -> list[str]:

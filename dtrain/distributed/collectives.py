@@ -55,6 +55,17 @@ def all_reduce_max(value: torch.Tensor, group: dist.ProcessGroup | None = None) 
     return out
 
 
+def all_gather_tensor(value: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Every rank's ``value`` stacked in rank order along a new first dimension (on ``value``'s device)."""
+    if not _active(group):
+        return value.detach().clone().unsqueeze(0)
+    world = dist.get_world_size(group)
+    out = torch.empty(world * value.numel(), dtype=value.dtype, device=value.device)  # gloo wants it flat
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the new name, torch 2.13
+    gather(out, value.detach().contiguous().view(-1), group=group)
+    return out.view(world, *value.shape)
+
+
 def all_gather_object(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     if not _active(group):
         return [obj]

@@ -47,3 +47,19 @@ def test_group_size_by_name_resolves_a_functional_collective_group():
         assert torch_private.group_size_by_name(dist.group.WORLD.group_name) == 3
     finally:
         dist.destroy_process_group()
+
+
+def test_default_store_and_flight_recorder_dump_are_reachable():
+    import json
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert torch_private.default_store() is not None
+        dumped = json.loads(torch_private.flight_recorder_json(nccl=False))
+        assert "entries" in dumped or "version" in dumped, sorted(dumped)
+    finally:
+        dist.destroy_process_group()
+    assert torch_private.default_store() is None
