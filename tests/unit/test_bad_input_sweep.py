@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -75,6 +76,8 @@ CASES = [
     ("memory does not fit", ["data.seq_len=100000", "data.max_bytes=3000000", "trainer.micro_batch_size=16",
                              "trainer.global_batch_size=16",
                              "model.n_layer=4", "model.d_model=128"], {}, "would need about"),
+    ("straggler threshold", ["monitor.straggler_threshold=1.5"], {}, "monitor.straggler_threshold"),
+    ("prometheus port in use", ["logging.prometheus.port={busy_port}"], {}, "Address already in use"),
     # storage
     ("bucket forgotten", ["checkpoint.uri=s3://"], {}, "names no bucket or host"),
     ("gs bucket forgotten", ["checkpoint.uri=gs://"], {}, "names no bucket or host"),
@@ -127,7 +130,11 @@ CASES = [
 def test_bad_input_is_one_line_and_touches_nothing(case, argv, environ, expected, committed, tmp_path, monkeypatch,
                                                    capsys):
     before = snapshot(committed)
-    argv = [a.replace("{committed}", str(committed)) for a in argv]
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    argv = [a.replace("{committed}", str(committed)).replace("{busy_port}", str(busy.getsockname()[1]))
+            for a in argv]
     environ = dict(environ)
     if environ.pop("lease", None):
         live_lease(committed)
@@ -148,6 +155,7 @@ def test_bad_input_is_one_line_and_touches_nothing(case, argv, environ, expected
         code = run(full)
     finally:
         (committed / "checkpoints" / "_writers" / "other.json").unlink(missing_ok=True)
+        busy.close()
     out = capsys.readouterr()
     text = out.err + out.out
     lines = [line for line in text.splitlines() if line.lstrip("[rank0] ").startswith("dtrain:")]
