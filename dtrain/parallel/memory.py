@@ -191,16 +191,22 @@ def activation_shape(cfg: DictConfig, dims: ParallelDims, rank: int) -> Activati
                            element_bytes=element_bytes(cfg))
 
 
-def estimate_rank_memory(cfg: DictConfig, dims: ParallelDims, rank: int, param_bytes: int) -> RankMemory:
-    """Parameters as given (a rank's real shards), gradients of the same size, AdamW's two moments."""
+def estimate_rank_memory(cfg: DictConfig, dims: ParallelDims, rank: int, param_bytes: int,
+                         stepped_bytes: int | None = None) -> RankMemory:
+    """Parameters as given (a rank's real shards), gradients of the same size, AdamW's two moments of the
+    ``stepped_bytes`` the optimizer holds (default: all of them)."""
     shape = activation_shape(cfg, dims, rank)
-    return RankMemory(params=param_bytes, grads=param_bytes, optimizer=ADAM_STATES * param_bytes,
+    stepped = param_bytes if stepped_bytes is None else stepped_bytes
+    return RankMemory(params=param_bytes, grads=param_bytes, optimizer=ADAM_STATES * stepped,
                       activations=activation_bytes(shape) if shape is not None else None)
 
 
 def log_memory_estimate(cfg: DictConfig, world_size: int, rank: int, optimizer: torch.optim.Optimizer) -> None:
     """One start-up line from rank 0: the estimate of the rank that needs the most (pipeline stages and
-    uneven shards differ), gathered from every rank. Collective: every rank must call it."""
+    uneven shards differ), gathered from every rank. Collective: every rank must call it.
+
+    Counted from the optimizer's parameters: a parameter outside the optimizer (the second sharded copy
+    of a tied embedding on a V schedule's rank 0 under FSDP2) is missing here; ``dtrain plan`` has it."""
     from dtrain.distributed import collectives
     from dtrain.strategies.layout import parallel_dims
 
