@@ -339,10 +339,16 @@ def save_and_expect(overrides: list[str], world: int, path: str) -> list[tuple[f
 
 
 def resume_and_compare(overrides: list[str], world: int, path: str, expected, what: str) -> None:
+    from dtrain.distributed import collectives
+
     strategy = make(overrides, world)
     state = strategy.state_dict()
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata.keys()
-    assert checkpoint_mismatch(state, saved) is None
+    # agreed by every rank before the collective load, so a rank that cannot load fails the case, not the group
+    problems = [p for p in collectives.all_gather_object(checkpoint_mismatch(state, saved)) if p]
+    if problems:
+        strategy.teardown()
+        raise AssertionError(f"{what}: {problems[0]}")
     dcp.load(state, checkpoint_id=path)
     strategy.load_state_dict(state)
     copies = gathered_tied_copies(strategy) if hasattr(strategy, "tied") else None
