@@ -65,7 +65,6 @@ FOUR_RANKS = [
     (["strategy=hsdp"], "tied"),
     (["strategy=fsdp_tp", *BIG_MICRO], "tied"),
     (["strategy=pp_fsdp", "strategy.pp_schedule=Interleaved1F1B"], "tied"),
-    (["strategy=3d", "strategy.dp_shard=1", *BIG_MICRO], "tied"),  # pp=2 x tp=2
 ]
 FOUR_RANK_VARIANTS = [
     (["strategy=tp", *ONE_MICRO], "tied"),
@@ -73,6 +72,8 @@ FOUR_RANK_VARIANTS = [
       *BIG_MICRO], "tied"),
     (["strategy=pp", "strategy.pp_schedule=1F1B"], "tied"),  # pp=4: the tie's group is pp ranks {0, 3}
     (["strategy=pp_fsdp", "strategy.pp_schedule=ZBVZeroBubble"], "tied"),  # two sharded copies on one rank
+    # pp=2 x tp=2 (20 steps of 3d, with FSDP too, run through torchrun at 8 ranks)
+    (["strategy=3d", "strategy.dp_shard=1", *BIG_MICRO], "tied"),
 ]
 # checkpoint chains: each resumes the previous one's checkpoint (also its own round trip), then saves. Tied:
 # a pipeline saves the layout of the whole tied model (wte.weight, lm_head.weight, optimizer state once)
