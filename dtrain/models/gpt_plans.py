@@ -206,12 +206,11 @@ def stages_view(parts: list[GPT]) -> nn.Module:
     view = nn.Module()
     blocks = {name: block for part in parts for name, block in part.blocks.items()}
     view.blocks = nn.ModuleDict({name: blocks[name] for name in sorted(blocks, key=int)})
-    holder = {"wte": next((part.wte for part in parts if part.wte is not None), None)}
-    for attr in ("wpe", "ln_f", "lm_head"):
-        holder[attr] = next((getattr(part, attr) for part in parts if getattr(part, attr) is not None), None)
-    if holder["wte"] is None and holder["lm_head"] is not None and parts[0].tie_embeddings:
-        holder["wte"] = _EmbeddingCopy(holder["lm_head"].weight)
-    for attr, module in holder.items():
+    outer = {attr: next((getattr(part, attr) for part in parts if getattr(part, attr) is not None), None)
+             for attr in ("wte", "wpe", "ln_f", "lm_head")}  # in this order: wte before lm_head
+    if outer["wte"] is None and outer["lm_head"] is not None and parts[0].tie_embeddings:
+        outer["wte"] = _EmbeddingCopy(outer["lm_head"].weight)
+    for attr, module in outer.items():
         if module is not None:
             setattr(view, attr, module)
     return view
