@@ -49,6 +49,8 @@ STRATEGIES: dict[str, list[str]] = {
     "tp": ["strategy=tp"],
     "fsdp_tp": ["strategy=fsdp_tp"],
     "pp_1f1b": ["strategy=pp", "strategy.pp=-1", "strategy.pp_schedule=1F1B"],
+    # the same with the embedding tied to the head: a copy on the last stage, one more all-reduce per step
+    "pp_1f1b_tied": ["strategy=pp", "strategy.pp=-1", "strategy.pp_schedule=1F1B", "model.tie_embeddings=true"],
     "pp_fsdp": ["strategy=pp_fsdp"],
     "pp_fsdp_interleaved": ["strategy=pp_fsdp", "strategy.pp_schedule=Interleaved1F1B"],
     "3d": ["strategy=3d", "strategy.dp_shard=-1"],

@@ -45,7 +45,7 @@ def _rank_modules(cfg: DictConfig, dims: ParallelDims, rank: int) -> list[nn.Mod
     import torch.distributed as dist
 
     from dtrain.models import build_model
-    from dtrain.models.gpt_plans import split_stage
+    from dtrain.models.gpt_plans import share_tied_weight, split_stage
     from dtrain.parallel.pipeline import stage_ids
     from dtrain.strategies.sharded import parallelize
 
@@ -59,7 +59,9 @@ def _rank_modules(cfg: DictConfig, dims: ParallelDims, rank: int) -> list[nn.Mod
             return [parallelize(model, dims, mesh, cfg.strategy)]
         counts, per_rank, schedule = _stage_layout(cfg, dims)
         mine = stage_ids(dims.coordinates(rank)["pp"], dims.pp, per_rank, schedule)
-        return [parallelize(split_stage(model, stage, counts), dims, mesh, cfg.strategy) for stage in mine]
+        parts = [parallelize(split_stage(model, stage, counts), dims, mesh, cfg.strategy) for stage in mine]
+        share_tied_weight(parts)  # as the strategy does: one Parameter where a rank holds both ends
+        return parts
     finally:
         dist.destroy_process_group()
 
@@ -70,6 +72,17 @@ def _params(modules: list[nn.Module]) -> list[tuple[str, torch.Tensor]]:
         for name, p in module.named_parameters():
             seen.setdefault(id(p), (name, p))
     return list(seen.values())
+
+
+def rank_memory(cfg: DictConfig, dims: ParallelDims, rank: int) -> RankMemory:
+    """The memory estimate of ``rank`` from the shards its plans produce. A second copy of a tied
+    embedding on one rank (V schedule under FSDP2) has a parameter and a gradient but no optimizer state."""
+    from dtrain.models.gpt_plans import tied_copies
+
+    modules = _rank_modules(cfg, dims, rank)
+    _, held = local_numel_and_bytes(p for _, p in _params(modules))
+    _, followers = local_numel_and_bytes(tied_copies(modules)[1:])
+    return estimate_rank_memory(cfg, dims, rank, held, stepped_bytes=held - followers)
 
 
 def _ranges(ranks: list[int]) -> str:
@@ -115,6 +128,8 @@ def plan_lines(cfg: DictConfig, dims: ParallelDims, world_size: int, show_rank: 
         per_round = accumulation if s.microbatches == -1 else s.microbatches
         lines.append(f"pipeline: {schedule}, {len(counts)} stages ({per_rank} per rank), blocks per stage {counts}, "
                      f"{per_round} micro-batches per round, {accumulation // per_round} round(s) per step")
+        if cfg.model.get("tie_embeddings", False):
+            lines.append(_tie_line(cfg, dims, per_rank, schedule))
     lines.append("")
     lines.append(f"{'pp rank':>7}  {'ranks':<16}{'stages (blocks)':<26}{'params/rank':>12}{'grads':>12}"
                  f"{'optimizer':>12}{'activations':>13}{'total':>12}")
@@ -122,9 +137,7 @@ def plan_lines(cfg: DictConfig, dims: ParallelDims, world_size: int, show_rank: 
     stride = world_size // dims.pp
     for pp_rank in range(dims.pp):
         rank = dims.rank_at(pp=pp_rank)  # dp/tp coordinate 0: the largest (first) FSDP chunks
-        modules = _rank_modules(cfg, dims, rank)
-        _, nbytes = local_numel_and_bytes(p for _, p in _params(modules))
-        memory = estimate_rank_memory(cfg, dims, rank, nbytes)
+        memory = rank_memory(cfg, dims, rank)
         totals.append(memory)
         stages = stage_ids(pp_rank, dims.pp, per_rank, schedule) if dims.pp > 1 else [0]
         first_block = [sum(counts[:i]) for i in range(len(counts))]
@@ -140,6 +153,22 @@ def plan_lines(cfg: DictConfig, dims: ParallelDims, world_size: int, show_rank: 
     return lines
 
 
+def _tie_line(cfg: DictConfig, dims: ParallelDims, per_rank: int, schedule: str) -> str:
+    """Where a pipeline keeps the copies of a tied embedding and what keeping them equal costs."""
+    from dtrain.parallel.pipeline import stage_owners
+
+    m = cfg.model
+    owners = stage_owners(dims.pp, per_rank, schedule)
+    if owners[0] == owners[-1]:
+        return (f"tied embeddings: pp rank {owners[0]} holds the first and the last stage, so the embedding and "
+                "the head share one weight (under FSDP2 two sharded copies, gradients added locally); no "
+                "extra communication")
+    shard = m.vocab_size * m.d_model * 4 / (dims.dp_shard * dims.tp)
+    return (f"tied embeddings: the last stage (pp rank {owners[-1]}) holds a copy of wte.weight ({m.vocab_size} x "
+            f"{m.d_model}) as lm_head.weight, counted below; one all-reduce of its gradient per step with pp rank "
+            f"{owners[0]} (a group of 2 per data-/tensor-parallel coordinate), {gib(int(shard))} per rank")
+
+
 def _rank_detail(cfg: DictConfig, dims: ParallelDims, rank: int, counts: list[int], per_rank: int,
                  schedule: str | None) -> list[str]:
     from dtrain.parallel.pipeline import stage_ids
@@ -149,7 +178,10 @@ def _rank_detail(cfg: DictConfig, dims: ParallelDims, rank: int, counts: list[in
              + f"; reads data slice {dims.dp_rank(rank)} of {dims.dp}"]
     if dims.pp > 1:
         lines.append(f"  pipeline stages {stage_ids(coords['pp'], dims.pp, per_rank, schedule)}")
+    tied = cfg.model.get("tie_embeddings", False)
     for name, p in _params(_rank_modules(cfg, dims, rank)):
+        if tied and name == "lm_head.weight":
+            name += " (tied copy)"
         if isinstance(p, DTensor):
             placements = ", ".join(str(pl) for pl in p.placements)
             lines.append(f"  {name:<40} full {tuple(p.shape)} -> local {tuple(p.to_local().shape)} [{placements}]")

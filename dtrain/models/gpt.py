@@ -104,6 +104,8 @@ class GPT(nn.Module):
         Because it does not depend on how the parameter is sharded, every strategy starts from
         bit-identical weights, which is what makes loss parity between strategies testable.
         """
+        if self.tie_embeddings and name == "lm_head.weight":
+            name = "wte.weight"  # a tied head is the embedding, also where it is a copy (a pipeline's last stage)
         # computed on the CPU, explicitly: the value must not depend on the default device or its RNG
         generator = torch.Generator("cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
         leaf = name.rsplit(".", 1)[-1]

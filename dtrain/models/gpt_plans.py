@@ -14,6 +14,8 @@ Tensor parallel (Megatron layout on DTensor):
 
 Pipeline split: a stage is a copy of the model with the blocks of other stages deleted and, off the
 first stage, no embeddings; off the last stage, no final norm and head. Parameter names never change.
+A tied model's last stage keeps the head's weight as its own copy of the embedding (initialized to the
+same values: ``GPT.init_tensor``); ``dtrain/parallel/tied.py`` keeps the copies equal.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -162,14 +165,52 @@ def split_stage(model: GPT, stage: int, layer_counts: list[int]) -> GPT:
     return part
 
 
+def tied_copies(parts: list[GPT]) -> list[nn.Parameter]:
+    """A tied model's embedding weights among a rank's stages: the first stage's ``wte.weight`` and the last
+    stage's ``lm_head.weight``, each once (empty when untied or when the rank holds neither stage). Every
+    stage is its own copy of the model, so the two are distinct Parameters until :func:`share_tied_weight`."""
+    if not parts or not getattr(parts[0], "tie_embeddings", False):
+        return []
+    found = [part.wte.weight for part in parts if part.wte is not None]
+    found += [part.lm_head.weight for part in parts if part.lm_head is not None]
+    return list({id(p): p for p in found}.values())
+
+
+def share_tied_weight(parts: list[GPT]) -> None:
+    """Where one rank holds both the first and the last stage of a tied model (V schedules), the head uses
+    the embedding's Parameter, as in the whole model: one weight, and autograd sums both uses. Call it
+    after the plans (and materialization). Not under FSDP2, which shards each stage's parameters on its
+    own: the two copies stay (see dtrain/parallel/tied.py)."""
+    first = next((part for part in parts if part.wte is not None), None)
+    last = next((part for part in parts if part.lm_head is not None), None)
+    if first is None or last is None or not first.tie_embeddings or isinstance(last, FSDPModule):
+        return
+    last.lm_head.weight = first.wte.weight
+
+
+class _EmbeddingCopy(nn.Module):
+    """``wte`` in the view of a rank whose only copy of a tied embedding is the head's weight."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+
 def stages_view(parts: list[GPT]) -> nn.Module:
     """One module over the stages a rank holds, with the full model's parameter names (the same module
-    objects, not copies): what the optimizer and the checkpoint see of a pipeline rank."""
+    objects, not copies): what the optimizer and the checkpoint see of a pipeline rank.
+
+    A tied head's weight is also registered as ``wte.weight``, ahead of ``lm_head``, exactly as in the whole
+    tied model: the optimizer names it ``wte.weight`` and the state dict holds both names, so a pipeline
+    checkpoint has the layout of every other strategy's and loads into any of them."""
     view = nn.Module()
     blocks = {name: block for part in parts for name, block in part.blocks.items()}
     view.blocks = nn.ModuleDict({name: blocks[name] for name in sorted(blocks, key=int)})
-    for attr in ("wte", "wpe", "ln_f", "lm_head"):
-        for part in parts:
-            if getattr(part, attr) is not None:
-                setattr(view, attr, getattr(part, attr))
+    outer = {attr: next((getattr(part, attr) for part in parts if getattr(part, attr) is not None), None)
+             for attr in ("wte", "wpe", "ln_f", "lm_head")}  # in this order: wte before lm_head
+    if outer["wte"] is None and outer["lm_head"] is not None and parts[0].tie_embeddings:
+        outer["wte"] = _EmbeddingCopy(outer["lm_head"].weight)
+    for attr, module in outer.items():
+        if module is not None:
+            setattr(view, attr, module)
     return view

@@ -4,9 +4,10 @@ A rank's gradients are plain tensors or DTensors sharded and/or replicated over 
 (pending ``Partial`` sums are reduced first, see :func:`reduce_partial_grads`).
 Each rank adds the squares of its local pieces, weighting a piece by 1/(number of ranks holding the
 same piece): a DTensor's piece is repeated over the mesh dimensions where it is ``Replicate``; a plain
-tensor over every rank of its stage (``plain_replicas``). One all-reduce over the world then sums each
-distinct element exactly once, across data-parallel shards, tensor-parallel shards and pipeline stages
-alike (stages hold disjoint parameters). One collective instead of one per layout and mesh
+tensor over every rank of its stage (``plain_replicas``); a weight that two pipeline stages hold a copy of
+(a tied embedding, see ``tied.py``) is repeated once more per copy (``stage_copies``). One all-reduce
+over the world then sums each distinct element exactly once, across data-parallel shards,
+tensor-parallel shards and pipeline stages alike. One collective instead of one per layout and mesh
 dimension, and the same float on every rank.
 
 The weighting assumes what the plans guarantee: a DTensor's mesh spans every non-pipeline dimension
@@ -16,7 +17,7 @@ of degree > 1 (FSDP2 puts all parameters on the data-parallel mesh, tensor paral
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -48,14 +49,18 @@ def reduce_partial_grads(params: Iterable[torch.Tensor]) -> None:
 
 
 def global_grad_norm(params: Iterable[torch.Tensor], plain_replicas: int = 1,
-                     group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                     group: dist.ProcessGroup | None = None,
+                     stage_copies: Mapping[torch.Tensor, int] | None = None) -> torch.Tensor:
     """L2 norm of all gradients of all ranks of ``group`` (default: the world), a float32 scalar on the
-    gradients' device (NCCL needs it there)."""
+    gradients' device (NCCL needs it there). ``stage_copies``: parameters that also exist on other pipeline
+    ranks, with the number of copies."""
     params = list(params)
+    stage_copies = stage_copies or {}
     by_weight: dict[int, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
-            by_weight.setdefault(_replicas(p.grad, plain_replicas), []).append(_local(p.grad))
+            weight = _replicas(p.grad, plain_replicas) * stage_copies.get(p, 1)
+            by_weight.setdefault(weight, []).append(_local(p.grad))
     device = _local(params[0]).device if params else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float32, device=device)
     for replicas, grads in by_weight.items():
@@ -65,11 +70,12 @@ def global_grad_norm(params: Iterable[torch.Tensor], plain_replicas: int = 1,
     return total.sqrt()
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float, plain_replicas: int = 1) -> torch.Tensor:
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, plain_replicas: int = 1,
+                   stage_copies: Mapping[torch.Tensor, int] | None = None) -> torch.Tensor:
     """Scale gradients so their global norm is at most ``max_norm`` (<= 0: no clipping) with torch's own
     ``clip_grads_with_norm_``; return the norm before clipping."""
     reduce_partial_grads(params)
-    total = global_grad_norm(params, plain_replicas)
+    total = global_grad_norm(params, plain_replicas, stage_copies=stage_copies)
     if max_norm > 0:
         # one call per mesh: a foreach kernel cannot mix DTensors and plain tensors, nor meshes
         groups: dict[object, list[torch.Tensor]] = {}

@@ -191,10 +191,13 @@ def activation_shape(cfg: DictConfig, dims: ParallelDims, rank: int) -> Activati
                            element_bytes=element_bytes(cfg))
 
 
-def estimate_rank_memory(cfg: DictConfig, dims: ParallelDims, rank: int, param_bytes: int) -> RankMemory:
-    """Parameters as given (a rank's real shards), gradients of the same size, AdamW's two moments."""
+def estimate_rank_memory(cfg: DictConfig, dims: ParallelDims, rank: int, param_bytes: int,
+                         stepped_bytes: int | None = None) -> RankMemory:
+    """Parameters as given (a rank's real shards), gradients of the same size, AdamW's two moments of the
+    ``stepped_bytes`` the optimizer holds (default: all of them)."""
     shape = activation_shape(cfg, dims, rank)
-    return RankMemory(params=param_bytes, grads=param_bytes, optimizer=ADAM_STATES * param_bytes,
+    stepped = param_bytes if stepped_bytes is None else stepped_bytes
+    return RankMemory(params=param_bytes, grads=param_bytes, optimizer=ADAM_STATES * stepped,
                       activations=activation_bytes(shape) if shape is not None else None)
 
 
@@ -235,7 +238,10 @@ def check_memory_fit(cfg: DictConfig, world_size: int, rank: int, optimizer: tor
     """Log the start-up estimate (rank 0, the rank that needs the most) and refuse, before the first step,
     a plan that cannot fit its device: every rank compares its own estimate with its own limit, and all
     refuse together. ``trainer.allow_memory_overcommit=true`` turns the refusal into a warning.
-    Collective: every rank must call it."""
+    Collective: every rank must call it.
+
+    Counted from the optimizer's parameters: a parameter outside the optimizer (the second sharded copy
+    of a tied embedding on a V schedule's rank 0 under FSDP2) is missing here; ``dtrain plan`` has it."""
     from dtrain.config.errors import ConfigError
     from dtrain.distributed import collectives
     from dtrain.strategies.layout import parallel_dims

@@ -12,9 +12,9 @@ round per step). Fewer per round bound the activations GPipe keeps alive at the 
 bubbles; gradients then accumulate over ``accumulation / microbatches`` rounds (with FSDP, each round
 ends in a reduce-scatter: the schedule owns that).
 
-Tied embeddings are refused: the embedding lives on the first stage and the head on the last, so a
-shared weight would need its gradient summed across ranks every step; ``model.tie_embeddings=false``
-gives the untied model, and the parity tests compare it with an untied single-process run.
+Tied embeddings: the embedding lives on the first stage and the head on the last, so each keeps a copy
+of the tied weight and their gradients are summed by one all-reduce per step between the two ranks
+(``dtrain/parallel/tied.py``); a rank holding both stages (V schedules) uses one Parameter for both.
 """
 
 from __future__ import annotations
@@ -31,11 +31,20 @@ from torch.distributed.tensor.parallel import loss_parallel
 from dtrain.config.errors import ConfigError
 from dtrain.distributed.env import DistEnv
 from dtrain.distributed.parallel_dims import ParallelDims
-from dtrain.models.gpt_plans import split_problems, split_stage, stage_layer_counts, stages_view
+from dtrain.models.gpt_plans import (
+    share_tied_weight,
+    split_problems,
+    split_stage,
+    stage_layer_counts,
+    stages_view,
+    tied_copies,
+)
 from dtrain.parallel.fsdp import reshard
 from dtrain.parallel.grad_norm import clip_grad_norm
 from dtrain.parallel.materialize import materialize
+from dtrain.parallel.memory import optimizer_params
 from dtrain.parallel.precision import apply_autocast
+from dtrain.parallel.tied import TiedWeight, embedding_group
 from dtrain.parallel.pipeline import (
     SPLIT_BACKWARD,
     build_schedule,
@@ -69,9 +78,6 @@ def pipeline_problems(cfg: DictConfig, dims: ParallelDims) -> list[str]:
     s, m, t = cfg.strategy, cfg.model, cfg.trainer
     shape = pipeline_shape(cfg, dims)
     problems = []
-    if m.get("tie_embeddings", False) and dims.pp > 1:
-        problems.append(f"strategy.pp={dims.pp} puts the embedding on the first stage and the head on the last, so "
-                        "they cannot share a weight; set model.tie_embeddings=false")
     if "n_layer" in m:
         problems += split_problems(m.n_layer, shape["stages"], s.get("pp_layers_per_stage"))
     else:
@@ -114,6 +120,7 @@ class PipelineStrategy(MeshDataParallel):
         self.mesh = None
         self.parts: list[nn.Module] = []
         self.view: nn.Module | None = None
+        self.tied: TiedWeight | None = None  # this rank's copy of a tied embedding, if it holds one
         self.schedule = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._accumulation = 1  # micro-batches in a rank's share of the step
@@ -148,8 +155,11 @@ class PipelineStrategy(MeshDataParallel):
             materialize(part, self.device, self.spec.seed)
             apply_autocast(part, self.device.type, self.spec.precision)
             self.parts.append(part)
+        self.tied = self._tie_embedding()
         self.view = stages_view(self.parts)
-        self._optimizer = build_optimizer(self.view.named_parameters())
+        followers = {id(p) for p in self.tied.followers} if self.tied else set()
+        self._optimizer = build_optimizer((name, p) for name, p in self.view.named_parameters()
+                                          if id(p) not in followers)
         group = self.mesh["pp"].get_group()
         stages = [make_stage(part, stage, self.n_stages, self.device, group)
                   for part, stage in zip(self.parts, self.stage_ids)]
@@ -157,6 +167,18 @@ class PipelineStrategy(MeshDataParallel):
         self._accumulation = self.spec.global_batch_size // (micro * self.dims.dp)
         self._microbatches = self._accumulation if self.cfg.microbatches == -1 else self.cfg.microbatches
         self.schedule = build_schedule(self.schedule_name, stages, self._microbatches, self._scaled_loss)
+
+    def _tie_embedding(self) -> TiedWeight | None:
+        """This rank's copy of a tied embedding: one Parameter where the rank holds the first and the last
+        stage (FSDP2 keeps two: the head's follows the embedding's), summed over the embedding group
+        with the other stage's copy otherwise (see dtrain/parallel/tied.py)."""
+        if not self.parts[0].tie_embeddings:
+            return None
+        owners = stage_owners(self.dims.pp, self.per_rank, self.schedule_name)
+        group = embedding_group(self.dims, self.mesh, owners[0], owners[-1])  # collective: every rank
+        share_tied_weight(self.parts)
+        copies = tied_copies(self.parts)
+        return TiedWeight(copies[0], copies[1:], group) if copies else None
 
     def _scaled_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """A micro-batch's loss sum times the step's gradient scale, so gradients need no rescaling
@@ -186,11 +208,16 @@ class PipelineStrategy(MeshDataParallel):
                 self.schedule.step(*args, target=targets if self.has_last else None, losses=losses)
             scaled += losses
         loss_sum = sum((_full(loss.detach()) for loss in scaled), torch.zeros((), device=self.device)) / self._scale
-        # a plain (unsharded) parameter would be repeated on every rank of its stage
-        grad_norm = clip_grad_norm(list(self.view.parameters()), self.spec.grad_clip,
-                                   plain_replicas=self.dims.dp * self.dims.tp * self.dims.cp)
+        if self.tied is not None:
+            self.tied.reduce_gradients()
+        copies = {self.tied.param: self.tied.copies} if self.tied is not None else None
+        # a plain (unsharded) parameter would be repeated on every rank of its stage; followers are not stepped
+        grad_norm = clip_grad_norm(optimizer_params(self.optimizer), self.spec.grad_clip,
+                                   plain_replicas=self.dims.dp * self.dims.tp * self.dims.cp, stage_copies=copies)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.tied is not None:
+            self.tied.sync_followers()
         return StepResult(loss=self._mean(loss_sum, count), grad_norm=grad_norm)
 
     @torch.no_grad()
@@ -213,9 +240,12 @@ class PipelineStrategy(MeshDataParallel):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_model_optim_state(self.view, self.optimizer, state)
+        if self.tied is not None:
+            self.tied.sync_followers()
 
     def sampling_model(self) -> nn.Module | None:
         return None  # no rank holds the whole model
 
     def teardown(self) -> None:
         self.parts, self.view, self.schedule, self._optimizer, self.mesh = [], None, None, None, None
+        self.tied = None

@@ -9,8 +9,7 @@ from dtrain.config.errors import ConfigError
 from dtrain.config.validate import load_config
 
 GROUPS = ("model", "data", "strategy", "optim", "logging", "hardware", "experiment", "launcher")
-NEEDS = {("data", "memmap"): ["data.train_path=/dev/null"],  # validated separately below
-         **{("strategy", name): ["model.tie_embeddings=false"] for name in ("pp", "pp_fsdp", "3d")}}
+NEEDS = {("data", "memmap"): ["data.train_path=/dev/null"]}  # validated separately below
 # the smallest world each strategy's default degrees fit
 WORLD = {"ddp": 2, "fsdp": 2, "hsdp": 4, "tp": 2, "fsdp_tp": 4, "pp": 2, "pp_fsdp": 4, "3d": 8}
 

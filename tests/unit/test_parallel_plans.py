@@ -12,7 +12,7 @@ from dtrain.config.errors import ConfigError
 from dtrain.config.validate import load_config
 from dtrain.distributed.parallel_dims import ParallelDims
 from dtrain.models.gpt import GPT
-from dtrain.models.gpt_plans import split_stage, stage_layer_counts, stages_view
+from dtrain.models.gpt_plans import share_tied_weight, split_stage, stage_layer_counts, stages_view, tied_copies
 from dtrain.parallel.activation_checkpoint import apply_ac
 from dtrain.parallel.materialize import materialize
 from dtrain.parallel.memory import activation_bytes, activation_shape
@@ -74,7 +74,6 @@ BASE = ["run.name=t", "model=gpt_tiny"]
      "strategy.pp_layers_per_stage=[3, 2] must be positive and sum to model.n_layer=4"),
     (["strategy=pp", "model.tie_embeddings=false", "strategy.pp_schedule=1F1B", "strategy.pp_stages_per_rank=2"],
      2, "strategy.pp_schedule=1F1B runs one stage per rank but strategy.pp_stages_per_rank=2"),
-    (["strategy=pp"], 2, "strategy.pp=2 puts the embedding on the first stage and the head on the last"),
     (["strategy=pp", "model.tie_embeddings=false", "strategy.compile=true", "strategy.pp_schedule=ZBVZeroBubble"], 2,
      "strategy.compile=true cannot be used with strategy.pp_schedule=ZBVZeroBubble"),
     (["strategy=fsdp", "strategy.tp=2"], 4, "strategy=fsdp does not use strategy.tp=2; set it to 1 or use "
@@ -94,7 +93,7 @@ def test_bad_parallel_config_is_one_clear_line(overrides, world, expected):
 def test_good_configs_resolve_their_data_parallel_size():
     for overrides, world, dp in ((["strategy=fsdp"], 4, 4), (["strategy=hsdp", "strategy.dp_shard=2"], 8, 8),
                                  (["strategy=tp"], 4, 1), (["strategy=fsdp_tp"], 8, 4),
-                                 (["strategy=3d", "model.tie_embeddings=false"], 8, 2)):
+                                 (["strategy=3d"], 8, 2)):
         cfg = load_config(BASE + overrides + ["trainer.global_batch_size=32"], world)
         assert parallel_dims(cfg.strategy.name, cfg.strategy, world).dp == dp, overrides
 
@@ -128,6 +127,48 @@ def test_a_stage_keeps_only_its_blocks_and_the_full_model_names():
     view = stages_view([first, last])
     assert {n for n, _ in view.named_parameters()} == full
     assert view.blocks["2"] is last.blocks["2"]  # the same modules, not copies
+
+
+def test_a_tied_split_gives_the_last_stage_a_copy_named_like_the_whole_model():
+    with torch.device("meta"):
+        model = GPT(vocab_size=64, seq_len=16, n_layer=4, n_head=4, d_model=32)  # tied, the default
+    first, last = (split_stage(model, stage, [2, 2]) for stage in (0, 1))
+    for part in (first, last):
+        materialize(part, torch.device("cpu"), 3)
+    # its own Parameter, initialized to the embedding's values
+    assert last.lm_head.weight is not first.wte.weight and torch.equal(last.lm_head.weight, first.wte.weight)
+    # named wte.weight for the optimizer, and both names in the state dict, exactly as in the whole tied model
+    view = stages_view([last])
+    assert [n for n, _ in view.named_parameters() if not n.startswith("blocks")] == ["wte.weight", "ln_f.weight",
+                                                                                       "ln_f.bias"]
+    whole = {n for n in model.state_dict() if not n.startswith("blocks")}
+    assert {n for n in view.state_dict() if not n.startswith("blocks")} == whole - {"wpe.weight"}
+    # one rank holding both ends (a V) shares one Parameter, as the whole model does
+    v_first, v_last = (split_stage(model, stage, [1, 1, 1, 1]) for stage in (0, 3))
+    assert len(tied_copies([v_first, v_last])) == 2
+    share_tied_weight([v_first, v_last])
+    assert v_last.lm_head.weight is v_first.wte.weight and tied_copies([v_first, v_last]) == [v_first.wte.weight]
+
+
+@pytest.mark.parametrize("overrides,world,pp_rank,params_vs_untied,unstepped", [
+    (["strategy=pp"], 2, 1, 0, 0),  # the last stage's copy costs what an untied head costs
+    (["strategy=pp", "strategy.pp_schedule=ZBVZeroBubble"], 2, 0, -1, 0),  # both ends on rank 0: one Parameter
+    (["strategy=pp_fsdp", "strategy.pp_schedule=ZBVZeroBubble"], 4, 0, 0, 0.5),  # two FSDP shards, one stepped
+], ids=["1F1B", "ZBV", "pp_fsdp ZBV"])
+def test_the_plan_counts_the_copies_of_a_tied_embedding(overrides, world, pp_rank, params_vs_untied, unstepped):
+    """Against the untied model: in embedding matrices (V x d x 4 bytes), how many more parameters the rank
+    holds and how many it holds without AdamW state (a follower copy)."""
+    from dtrain.dryrun import rank_memory
+
+    common = BASE + ["data=synthetic", "data.seq_len=16", "data.vocab_size=64", "model.d_model=32",
+                     "trainer.global_batch_size=16", *overrides]
+    tied, untied = (load_config(common + extra, world) for extra in ([], ["model.tie_embeddings=false"]))
+    dims = parallel_dims(tied.strategy.name, tied.strategy, world)
+    rank = dims.rank_at(pp=pp_rank)
+    got, base = rank_memory(tied, dims, rank), rank_memory(untied, dims, rank)
+    matrix = 64 * 32 * 4
+    assert got.params - base.params == params_vs_untied * matrix
+    assert got.optimizer == 2 * (got.params - unstepped * matrix), (got, base)
 
 
 def _saved_activation_bytes(model: nn.Module, tokens: torch.Tensor) -> int:
