@@ -25,6 +25,10 @@ from dtrain.distributed import collectives
 
 EXIT_PREEMPTED = exit_codes.PREEMPTED
 EXIT_NOT_SAVED = exit_codes.CRASH  # the preemption checkpoint could not be made: a crash for the launcher
+# One signal often arrives twice: slurmstepd signals every process of a step and torchrun forwards the
+# same signal to its workers; a terminal's Ctrl-C reaches the whole foreground group, torchrun included.
+# A repeat of the same signal this soon after the first is that one event, not a request to give up.
+DUPLICATE_WINDOW_S = 1.0
 
 
 class Preempted(Exception):
@@ -39,8 +43,9 @@ class PreemptionWatcher:
     """Turns preemption signals into an agreed save-and-exit, and makes sure the process ends anyway.
 
     A step that never reaches its boundary (a hung collective, a step far too big for the machine)
-    would otherwise keep a signalled job alive until SIGKILL. So: a second signal ends the process at
-    once, and so does ``grace_s`` elapsing after the first signal before the ranks agreed to save; both
+    would otherwise keep a signalled job alive until SIGKILL. So: a second signal (not the same one
+    within ``DUPLICATE_WINDOW_S``: one event delivered by two paths) ends the process at once, and so
+    does ``grace_s`` elapsing after the first signal before the ranks agreed to save; both
     with a crash code and a line saying that the last committed checkpoint is intact. A save that has
     started is left to finish (or to the scheduler's SIGKILL): exiting mid-save would gain nothing.
     """
@@ -62,6 +67,10 @@ class PreemptionWatcher:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
+            if signum == self.received and time.monotonic() - self.received_at < DUPLICATE_WINDOW_S:
+                os.write(2, f"dtrain: received {name} again within {DUPLICATE_WINDOW_S:g} s: the same "
+                            f"preemption delivered twice (scheduler and launcher); still saving\n".encode())
+                return
             self._give_up(f"received {name} again")
         self.received, self.received_at = signum, time.monotonic()
         os.write(2, f"dtrain: received {name}; will checkpoint at the next step boundary and exit (a second "

@@ -11,7 +11,9 @@ What every rendered launcher runs on each node. In order:
    ``dtrain/exit_codes.py``) and ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (with gloo, in-place restarts
    hang on a store that still holds the dead workers' addresses). SIGTERM, SIGINT and SIGUSR1 are
    forwarded to torchrun, which forwards them to the workers (``--signals-to-handle``): Kubernetes
-   signals only the container's first process, which is this one.
+   signals only the container's first process, which is this one. Not inside a Slurm step: slurmstepd
+   signals every process of the step itself, and a second copy from here would reach torchrun while it
+   handles the first, which makes it abandon its workers and SIGTERM them (a crash, no checkpoint).
 4. Wait for torchrun *and* every worker: this process is a child subreaper, so workers orphaned by an
    agent that died early (a second signal interrupts torchrun's own shutdown) are still waited for, and
    killed only after ``--shutdown-timeout``.
@@ -155,6 +157,10 @@ class TorchrunSupervisor:
         self._stopped_for_config_error = False
 
     def _forward(self, signum: int, frame: object) -> None:
+        if "SLURM_STEP_ID" in os.environ:
+            os.write(2, f"dtrain launch: {signal.Signals(signum).name} reached torchrun from slurmstepd too; "
+                        "not forwarding a second copy\n".encode())
+            return
         if self.agent is not None and self.agent_code is None:
             os.write(2, f"dtrain launch: forwarding {signal.Signals(signum).name} to torchrun\n".encode())
             try:

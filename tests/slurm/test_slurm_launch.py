@@ -51,8 +51,9 @@ class Job:
         return self.cwd / "runs" / f"slurm-{self.id}"
 
     def wait(self, until, timeout: float, what: str) -> dict[str, str]:
-        """Poll until ``until(info)``; release a requeued job held by BeginTime once the nodes are idle."""
+        """Poll until ``until(info)``; release a requeued job held by BeginTime once its last run is gone."""
         deadline = time.monotonic() + timeout
+        held_since = None
         while True:
             info = self.info()
             if until(info):
@@ -60,13 +61,24 @@ class Job:
             if info.get("JobState") in TERMINAL:
                 pytest.fail(f"job {self.id} ended ({info.get('JobState')} {info.get('ExitCode')}) before {what}:"
                             f"\n{self.log[-4000:]}")
-            if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and nodes_idle():
-                subprocess.run(["scontrol", "update", f"JobId={self.id}", "StartTime=now"], check=True)
+            if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+                held_since = held_since or time.monotonic()
+                if self.previous_run_gone(held_since):
+                    subprocess.run(["scontrol", "update", f"JobId={self.id}", "StartTime=now"], check=True)
+            else:
+                held_since = None
             if time.monotonic() > deadline:
                 self.cancel()
                 pytest.fail(f"job {self.id}: no {what} within {timeout:.0f} s ({info.get('JobState')}):\n"
                             f"{self.log[-4000:]}")
             time.sleep(0.5)
+
+    def previous_run_gone(self, held_since: float) -> bool:
+        """Release a held job only once its last run is cleaned up: slurmd refuses to launch a batch job
+        whose previous run it is still killing ("Job N already killed, do not launch batch job") and
+        the job then FAILS without running; seen with a release 0.5 s after `scontrol requeue`."""
+        steps = subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{self.id}\."], capture_output=True).stdout.strip()
+        return not steps and nodes_idle() and time.monotonic() - held_since > 3.0
 
     def wait_done(self, timeout: float = 240) -> dict[str, str]:
         return self.wait(lambda i: i.get("JobState") in TERMINAL, timeout, "end")
