@@ -22,6 +22,8 @@ USAGE = """usage: dtrain [hydra overrides...]            train (e.g. dtrain mode
        dtrain validate [hydra overrides...]   check a config without training
        dtrain plan --world-size N [--rank R] [overrides...]   mesh, shards and memory of N ranks, in one process
        dtrain ckpt ls|verify|inspect|export   look at checkpoints (dtrain ckpt --help)
+       dtrain goodput RUN_DIR [--json]        where a run's wall time went, across restarts
+       dtrain scale spot ...                  spot vs on-demand goodput and cost (dtrain scale spot --help)
        torchrun --nproc-per-node=N -m dtrain [overrides...]
 
 exit codes: 0 done | 2 bad config or storage (nothing was started) | 75 preempted after a committed
@@ -129,6 +131,14 @@ def run(argv: Sequence[str]) -> int:
         from dtrain.checkpoint.cli import main as ckpt_main
 
         return ckpt_main(argv[1:])
+    if argv and argv[0] == "goodput":
+        from dtrain.metrics.goodput_cli import main as goodput_main
+
+        return goodput_main(argv[1:])
+    if list(argv[:2]) == ["scale", "spot"]:
+        from dtrain.scaling.spot import main as spot_main
+
+        return spot_main(argv[2:])
     if argv and argv[0] == "plan":
         from dtrain.dryrun import cmd_plan
 

@@ -14,12 +14,13 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from dtrain.checkpoint.manager import CheckpointManager
+from dtrain.checkpoint.manager import CheckpointManager, Restored
 from dtrain.checkpoint.preemption import Preempted, PreemptionWatcher
 from dtrain.config.compose import config_hash
 from dtrain.config.errors import ConfigError
 from dtrain.data.loader import ResumableLoader, build_dataset, eval_batches
 from dtrain.distributed.env import DistEnv
+from dtrain.metrics.goodput import NullLedger, open_ledger
 from dtrain.metrics.loggers import MetricLogger, build_loggers
 from dtrain.metrics.throughput import peak_memory_bytes, step_throughput
 from dtrain.models import build_model
@@ -35,7 +36,8 @@ class Trainer:
     def __init__(self, cfg: DictConfig, env: DistEnv, device: torch.device, strategy: Strategy,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: ResumableLoader,
                  val_dataset: Dataset | None, logger: MetricLogger, flops_per_token: float | None,
-                 checkpoints: CheckpointManager, preemption: PreemptionWatcher | None = None):
+                 checkpoints: CheckpointManager, preemption: PreemptionWatcher | None = None,
+                 goodput: NullLedger | None = None):
         self.cfg, self.env, self.device, self.strategy = cfg, env, device, strategy
         self.scheduler, self.train_loader, self.val_dataset = scheduler, train_loader, val_dataset
         self.logger, self.flops_per_token = logger, flops_per_token
@@ -43,6 +45,8 @@ class Trainer:
         self.step = 0
         self.tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
         self._grace_warned = False
+        self.goodput = goodput or NullLedger()  # where the wall time goes (rank 0 writes the run's ledger)
+        self.restored: Restored | None = None
 
     @classmethod
     def build(cls, cfg: DictConfig, env: DistEnv, device: torch.device,
@@ -69,16 +73,22 @@ class Trainer:
                  strategy.dp_size, t.global_batch_size, t.micro_batch_size, accumulation, strategy.dp_size,
                  t.global_batch_size * cfg.data.seq_len, cfg.run.dir)
         checkpoints = CheckpointManager(cfg, env, config_hash(cfg), strategy.name)
+        goodput = open_ledger(cfg.run.dir, env.is_rank_zero, env.world_size)
+        checkpoints.on_commit = goodput.commit
         trainer = cls(cfg, env, device, strategy, scheduler, loader, val_set, build_loggers(cfg, env.is_rank_zero),
                       flops, checkpoints,
                       PreemptionWatcher(list(cfg.checkpoint.preemption_signals), device, cfg.checkpoint.grace_period_s,
-                                        lambda: checkpoints.newest_committed))
+                                        lambda: checkpoints.newest_committed), goodput)
+        restore_start = time.perf_counter()
         try:
             trainer.resume()
         except BaseException:
             checkpoints.close()  # releases the writer lease
             raise
+        restore_s = time.perf_counter() - restore_start
         trainer.warn_if_save_exceeds_grace(write_bandwidth)
+        restored = trainer.restored
+        goodput.begin(trainer.step, restored and restored.step, restored and restored.manifest_crc32c, restore_s)
         return trainer
 
     # -- checkpoint state ------------------------------------------------------------------------------
@@ -103,10 +113,11 @@ class Trainer:
             self.train_loader.load_state_dict(restored.extras["loader"])
         except ValueError as e:
             raise ConfigError(f"cannot resume from {restored.source}: {e}") from None
-        self.step = restored.step
+        self.step, self.restored = restored.step, restored
 
-    def save_checkpoint(self, blocking: bool = False) -> float:
+    def save_checkpoint(self, blocking: bool = False, kind: str = "interval") -> float:
         blocked = self.checkpoints.save(self.step, self.strategy.state_dict(), self.extra_state(), blocking)
+        self.goodput.checkpoint(self.step, blocked, kind)
         self.warn_if_save_exceeds_grace()
         return blocked
 
@@ -159,16 +170,22 @@ class Trainer:
         """One turn of the loop: a step, then evaluation, checkpoint, logging and the preemption check."""
         t = self.cfg.trainer
         metrics = self.run_step()
+        self.goodput.step(self.step, metrics["step_time_s"], metrics["step_time_s"] * metrics["data_wait_share"])
         if self.val_dataset is not None and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+            start = time.perf_counter()
             metrics["val_loss"] = self.evaluate()
-        if self.checkpoints.due(self.step):
+            self.goodput.evaluation(self.step, time.perf_counter() - start)
+        if self.checkpoints.due(self.step, metrics["step_time_s"]):
             metrics["ckpt_blocked_s"] = self.save_checkpoint()
+        goodput = self.goodput.ratio()
+        if goodput is not None:
+            metrics["goodput"] = goodput
         if (self.step % t.log_every == 0 or self.step == t.max_steps or "val_loss" in metrics
                 or "ckpt_blocked_s" in metrics):
             self.logger.log(self.step, metrics)
         if self.preemption is not None and self.preemption.agreed():
             self.preemption.saving()
-            self.save_checkpoint(blocking=True)
+            self.save_checkpoint(blocking=True, kind="preemption")
             self.checkpoints.finalize()
             raise Preempted(self.step, self.preemption.signal_name)
         return metrics
@@ -181,14 +198,18 @@ class Trainer:
             while self.step < self.cfg.trainer.max_steps:
                 metrics = self.advance()
             if self.cfg.checkpoint.save_final:
-                self.save_checkpoint(blocking=True)
+                self.save_checkpoint(blocking=True, kind="final")
             self.checkpoints.finalize()
+        except BaseException as e:
+            self.goodput.end(self.step, "preempted" if isinstance(e, Preempted) else "error")
+            raise
         finally:
             self.logger.close()
             self.checkpoints.close()
             if self.preemption is not None:
                 self.preemption.close()
         self.sample_text()
+        self.goodput.end(self.step, "done")
         return metrics
 
     def sample_text(self) -> str | None:
