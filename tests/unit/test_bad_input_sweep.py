@@ -46,6 +46,9 @@ def live_lease(run_dir: Path) -> None:
                                                    "renewed_unix": now}))
 
 
+SPOT = ["--spot-preemptions-per-node-hour", "0.01", "--on-demand-price", "4", "--spot-price", "1.2",
+        "--out", "/nonexistent/dtrain-spot.json", "--save-s", "10", "--restart-s", "60"]
+
 # (id, argv, environment, what the one line must contain); "{committed}" is the committed run's folder
 CASES = [
     # config groups
@@ -86,6 +89,10 @@ CASES = [
     ("async mode", ["checkpoint.async_mode=fast"], {}, "checkpoint.async_mode=fast is not one of"),
     ("signal name", ["checkpoint.preemption_signals=[SIGFOO]"], {}, "'SIGFOO', not a signal name"),
     ("storage timeout", ["checkpoint.storage_timeout_s=0"], {}, "checkpoint.storage_timeout_s=0"),
+    ("interval nonsense", ["checkpoint.interval_steps=often"], {}, "checkpoint.interval_steps=often must be"),
+    ("auto interval without an MTBI", ["checkpoint.interval_steps=auto"], {}, "needs checkpoint.mtbi_s"),
+    ("MTBI not positive", ["checkpoint.interval_steps=auto", "checkpoint.mtbi_s=0"], {},
+     "checkpoint.mtbi_s=0.0 must be a positive"),
     # resume, against the committed run
     ("resume never over committed steps", ["checkpoint.resume=never", "run.dir={committed}"], {},
      "already holds committed steps"),
@@ -110,6 +117,12 @@ CASES = [
     ("ckpt ls of a bad uri", ["ckpt", "ls", "s3://"], {}, "names no bucket or host"),
     ("ckpt verify of nothing", ["ckpt", "verify", "/nonexistent/dtrain"], {}, "no checkpoint steps under"),
     ("ckpt inspect of a root", ["ckpt", "inspect", "{committed}/checkpoints"], {}, "give the URI of one step"),
+    ("goodput of a folder without a ledger", ["goodput", "{committed}/checkpoints"], {}, "no goodput ledger"),
+    ("goodput of a missing folder", ["goodput", "/nonexistent/dtrain-run"], {}, "is not a directory"),
+    ("spot rate out of range", ["scale", "spot", *SPOT[:1], "-0.5", *SPOT[2:]], {}, "within [0, 3600)"),
+    ("spot price not positive", ["scale", "spot", *SPOT[:5], "0", *SPOT[6:]], {}, "--spot-price=0 must be a positive"),
+    ("spot from a run without a ledger", ["scale", "spot", *SPOT[:-4], "--from", "{committed}/checkpoints"], {},
+     "no goodput ledger"),
     ("ckpt export into a missing folder", ["ckpt", "export", "{committed}/checkpoints/step_00000002",
                                            "/nonexistent/dir/m.safetensors"], {}, "/nonexistent/dir"),
 ]
@@ -128,7 +141,7 @@ def test_bad_input_is_one_line_and_touches_nothing(case, argv, environ, expected
             monkeypatch.delenv(key, raising=False)
         else:
             monkeypatch.setenv(key, value)
-    subcommand = argv[:1] if argv and argv[0] in ("validate", "plan", "ckpt") else []
+    subcommand = argv[:1] if argv and argv[0] in ("validate", "plan", "ckpt", "goodput", "scale") else []
     rest = argv[len(subcommand):]
     if subcommand or any(a.startswith("run.dir=") for a in rest):
         full = argv
@@ -158,4 +171,4 @@ def test_the_sweep_covers_every_config_group_and_subcommand():
     covered = {case[1][0].split("=")[0] for case in CASES if case[1] and "=" in case[1][0]}
     assert groups <= covered, f"config groups without a bad-input case: {sorted(groups - covered)}"
     assert len(CASES) >= 30
-    assert {"validate", "plan", "ckpt"} <= {case[1][0] for case in CASES if case[1]}
+    assert {"validate", "plan", "ckpt", "goodput", "scale"} <= {case[1][0] for case in CASES if case[1]}
