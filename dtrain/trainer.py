@@ -26,7 +26,7 @@ from dtrain.metrics.throughput import peak_memory_bytes, step_throughput
 from dtrain.models import build_model
 from dtrain.models.generate import generate
 from dtrain.optim import build_optimizer, build_scheduler
-from dtrain.parallel.memory import check_memory_fit
+from dtrain.parallel.memory import check_memory_fit, local_numel_and_bytes, optimizer_params
 from dtrain.strategies import Strategy, StepSpec, build_strategy
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,9 @@ class Trainer:
         if self._grace_warned or not self.env.is_rank_zero:
             return
         if write_bandwidth:
-            state_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.strategy.state_dict()))
+            # weights and AdamW's two moments, counted from the parameters: building the state dict of a fresh
+            # optimizer would initialize it (an Adam step count of 1 on this rank only, and replicas drifting apart)
+            state_bytes = 3 * local_numel_and_bytes(optimizer_params(self.strategy.optimizer))[1]
             estimate, how = state_bytes / write_bandwidth, f"estimated from {state_bytes / 1e6:.0f} MB per rank at " \
                 f"{write_bandwidth / 1e6:.0f} MB/s"
         elif self.checkpoints.last_save_seconds is not None:
@@ -227,14 +229,3 @@ class Trainer:
             print(f"\n--- sample after {self.step} steps ---\n{text}\n--- end of sample ---", flush=True)
         return text
 
-
-def _tensors(state: Any):
-    """Local tensors of a (nested) state dict; DTensors count their local shard only."""
-    if isinstance(state, dict):
-        for value in state.values():
-            yield from _tensors(value)
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            yield from _tensors(value)
-    elif isinstance(state, torch.Tensor):
-        yield state.to_local() if hasattr(state, "to_local") else state
