@@ -65,7 +65,7 @@ def best_interval(save_s: float, restart_s: float, mtbi_s: float) -> tuple[float
 class Inputs:
     save_s: list[float]  # blocking save cost, per GPU count
     restart_s: list[float]  # failure -> first productive step, per GPU count (without waiting for capacity)
-    tokens_per_s_per_gpu: float
+    tokens_per_s_per_gpu: list[float]  # per GPU count
     spot_preemptions_per_node_hour: float
     on_demand_failures_per_node_hour: float
     on_demand_price: float  # per GPU-hour
@@ -97,7 +97,8 @@ def estimate(inputs: Inputs, index: int, spot_rate: float | None = None) -> dict
     spot_tau, spot_goodput = best_interval(save, spot_restart, spot_mtbi)
 
     def per_million_tokens(price: float, goodput: float) -> float:
-        return price / 3600.0 / (inputs.tokens_per_s_per_gpu * goodput) * 1e6 if goodput > 0 else math.inf
+        throughput = inputs.tokens_per_s_per_gpu[index]
+        return price / 3600.0 / (throughput * goodput) * 1e6 if goodput > 0 else math.inf
 
     od_cost = per_million_tokens(inputs.on_demand_price, od_goodput)
     spot_cost = per_million_tokens(inputs.spot_price, spot_goodput)
@@ -139,10 +140,13 @@ def where_claims_hold(inputs: Inputs, rows: list[dict[str, Any]]) -> list[str]:
         for s, limit in limits.items():
             if limit is None:
                 parts.append(f"{s:.0%} never (the discount is smaller)")
+            elif limit < 1e-9:
+                parts.append(f"{s:.0%} only without a single preemption (the discount is just that)")
             else:
                 parts.append(f"{s:.0%} while preemptions stay below {limit:.3g}/node-hour (one per "
                              f"{_hours(1 / limit / row['nodes']) if limit > 0 else 'never'} for the job)")
-        lines.append(f"{row['gpus']} GPUs ({row['nodes']} nodes): at {inputs.spot_preemptions_per_node_hour:g}/node-"
+        nodes = f"{row['nodes']} node" + ("s" if row["nodes"] > 1 else "")
+        lines.append(f"{row['gpus']} GPUs ({nodes}): at {inputs.spot_preemptions_per_node_hour:g}/node-"
                      f"hour spot saves {row['savings']:.0%} (goodput {row['spot']['goodput']:.1%} vs on-demand "
                      f"{row['on_demand']['goodput']:.1%}); saves " + "; ".join(parts))
     return lines
@@ -234,7 +238,8 @@ def parse(argv: Sequence[str]) -> tuple[Inputs, Path]:
                         "--measured-gpus: the throughput)")
     parser.add_argument("--tokens-per-step", type=float, help="tokens per optimizer step of the measured job")
     parser.add_argument("--measured-gpus", type=int, default=1, help="GPUs (ranks) of the measured job")
-    parser.add_argument("--tokens-per-s-per-gpu", type=float, help="throughput per GPU (instead of the three above)")
+    parser.add_argument("--tokens-per-s-per-gpu", help="throughput per GPU (instead of the three above): one "
+                        "value, or one per --gpus entry")
     parser.add_argument("--spot-preemptions-per-node-hour", type=float, required=True,
                         help="spot preemptions per node per hour (e.g. 0.01)")
     parser.add_argument("--on-demand-failures-per-node-hour", type=float, default=ON_DEMAND_FAILURES_PER_NODE_HOUR,
@@ -283,21 +288,22 @@ def parse(argv: Sequence[str]) -> tuple[Inputs, Path]:
 
     save_s, restart_s = pick("save_s", args.save_s), pick("restart_s", args.restart_s)
     if args.tokens_per_s_per_gpu is not None:
-        throughput, provenance["tokens_per_s_per_gpu"] = args.tokens_per_s_per_gpu, "given"
+        throughput = _numbers(args.tokens_per_s_per_gpu, "--tokens-per-s-per-gpu", len(gpus))
+        provenance["tokens_per_s_per_gpu"] = "given"
     elif args.step_s is not None and args.tokens_per_step is not None:
         if args.step_s <= 0 or args.tokens_per_step <= 0:
             raise ConfigError("--step-s and --tokens-per-step must be positive")
-        throughput = args.tokens_per_step / args.step_s / args.measured_gpus
-        provenance["tokens_per_s_per_gpu"] = "--tokens-per-step / --step-s / --measured-gpus"
+        throughput = [args.tokens_per_step / args.step_s / args.measured_gpus] * len(gpus)
+        provenance["tokens_per_s_per_gpu"] = "--tokens-per-step / --step-s / --measured-gpus, the same at every scale"
     elif "tokens_per_s_per_gpu" in measured:
-        throughput, provenance["tokens_per_s_per_gpu"] = measured["tokens_per_s_per_gpu"]
+        throughput = [measured["tokens_per_s_per_gpu"][0]] * len(gpus)
+        provenance["tokens_per_s_per_gpu"] = measured["tokens_per_s_per_gpu"][1] + ", the same at every scale"
     else:
         raise ConfigError("the throughput is needed: --tokens-per-s-per-gpu, or --step-s with --tokens-per-step, "
                           "or --from RUN_DIR")
-    if not 0 < throughput < math.inf:
-        raise ConfigError(f"tokens per second per GPU = {throughput:g} must be positive")
-    provenance["throughput_scaling"] = "assumed constant per GPU at every scale (weak scaling); it cancels in the " \
-                                       "savings"
+    if not all(0 < t < math.inf for t in throughput):
+        raise ConfigError(f"tokens per second per GPU = {throughput} must be positive")
+    provenance["savings"] = "the throughput cancels in the saving; it sets the cost per token only"
     inputs = Inputs(save_s, restart_s, throughput, args.spot_preemptions_per_node_hour,
                     args.on_demand_failures_per_node_hour, args.on_demand_price, args.spot_price,
                     args.spot_capacity_wait_s, gpus, args.gpus_per_node, provenance)

@@ -50,7 +50,7 @@ def test_best_interval_is_near_young_when_saves_are_cheap_and_never_beaten():
 
 
 def inputs(**overrides) -> Inputs:
-    values = dict(save_s=[10.0] * 3, restart_s=[60.0] * 3, tokens_per_s_per_gpu=1000.0,
+    values = dict(save_s=[10.0] * 3, restart_s=[60.0] * 3, tokens_per_s_per_gpu=[1000.0] * 3,
                   spot_preemptions_per_node_hour=0.01, on_demand_failures_per_node_hour=1e-4, on_demand_price=4.0,
                   spot_price=1.2, spot_capacity_wait_s=300.0, gpus=[8, 128, 1024], gpus_per_node=8, provenance={})
     values.update(overrides)
