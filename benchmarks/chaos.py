@@ -258,7 +258,7 @@ def _refusals(run: Run) -> int:
     """Restores that skipped a committed step because a file failed its checksum (rank 0 logs each once)."""
     return sum(1 for path in run.dir.parent.glob(f"{run.dir.name}-*.log")
                for line in path.read_text(errors="replace").splitlines()
-               if "WARNING" in line and "skipping" in line and "CRC32C" in line)
+               if "[rank0] WARNING" in line and "skipping" in line and "CRC32C" in line)
 
 
 def recovery_times(events: list[dict[str, Any]], runs: dict[int, Run]) -> None:

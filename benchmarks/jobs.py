@@ -21,16 +21,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.helpers import free_port, kill_tree  # noqa: E402  (one process-tree killer for tests and benchmarks)
+
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "DTRAIN_FAILPOINT")
 # torchrun's own log line when it noticed a failed worker and starts stopping the others
 _TEARDOWN = re.compile(r"^[IWE](\d\d)(\d\d) (\d\d:\d\d:\d\d\.\d+) .*Sending process \d+ closing signal")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -128,26 +126,6 @@ class Job:
                 moment = datetime.datetime.strptime(f"{year}-{month}-{day} {clock}", "%Y-%m-%d %H:%M:%S.%f")
                 return moment.timestamp()
         return None
-
-
-def kill_tree(pid: int) -> None:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    todo, found = [pid], []
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo += children.get(current, [])
-    for victim in found:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def ledger(run_dir: Path) -> list[dict[str, Any]]:
