@@ -359,9 +359,16 @@ def soak(args: argparse.Namespace, folder: Path, endpoint: str | None) -> dict[s
             "time_lost_s": sum(c["time_lost_s"] for c in checks),
             "unexpected_exits": sum(1 for e in events if "unexpected_exit" in e),
             "checks": {name: all(c[name] for c in checks) for name in names},
-            "ok": ok, "wall_s": time.monotonic() - started, "seed": args.seed, "max_steps": args.max_steps,
+            "ok": ok, "wall_s": time.monotonic() - started, "torch": _torch_version(),
+            "cpus": len(os.sched_getaffinity(0)), "seed": args.seed, "max_steps": args.max_steps,
             "interval": args.interval, "storage": args.storage, "per_run": checks,
             "events": [{k: v for k, v in e.items() if k != "unexpected_exit"} for e in events]}
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def main() -> int:

@@ -228,4 +228,3 @@ class Trainer:
         if self.env.is_rank_zero:
             print(f"\n--- sample after {self.step} steps ---\n{text}\n--- end of sample ---", flush=True)
         return text
-
