@@ -40,10 +40,7 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -56,6 +53,7 @@ import torch
 from dtrain.checkpoint.manager import CheckpointManager
 from dtrain.config.validate import load_config
 from dtrain.distributed.env import discover_env
+from jobs import start_moto
 
 MiB = 2**20
 BLOCK = 8 * MiB
@@ -341,22 +339,6 @@ def async_result(samples: dict[str, list]) -> dict[str, Any]:
 
 
 # -- (c) S3 -----------------------------------------------------------------------------------------------
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto server did not start")
-
-
 def raw_s3_put(fs, paths: list[str], payloads: list[bytes]) -> float:
     start = time.perf_counter()
     with ThreadPoolExecutor(len(paths)) as pool:

@@ -24,6 +24,8 @@ USAGE = f"""usage: dtrain [hydra overrides...]            train (e.g. dtrain mod
        dtrain plan --world-size N [--rank R] [overrides...]   mesh, shards and memory of N ranks, in one process
        dtrain ckpt ls|verify|inspect|export|latest   look at checkpoints (dtrain ckpt --help)
        dtrain launch torchrun|slurm|k8s [--nodes N] [--nproc-per-node P] [--out PATH] [--submit] [overrides...]
+       dtrain goodput RUN_DIR [--json]        where a run's wall time went, across restarts
+       dtrain scale spot ...                  spot vs on-demand goodput and cost (dtrain scale spot --help)
        torchrun --nproc-per-node=N -m dtrain [overrides...]
 
 exit codes: {exit_codes.OK} done | {exit_codes.CONFIG_ERROR} bad config or storage (nothing was started) |
@@ -138,6 +140,14 @@ def run(argv: Sequence[str]) -> int:
         from dtrain.launch.cli import main as launch_main
 
         return launch_main(argv[1:])
+    if argv and argv[0] == "goodput":
+        from dtrain.metrics.goodput_cli import main as goodput_main
+
+        return goodput_main(argv[1:])
+    if list(argv[:2]) == ["scale", "spot"]:
+        from dtrain.scaling.spot import main as spot_main
+
+        return spot_main(argv[2:])
     if argv and argv[0] == "plan":
         from dtrain.dryrun import cmd_plan
 

@@ -14,12 +14,13 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from dtrain.checkpoint.manager import CheckpointManager
+from dtrain.checkpoint.manager import CheckpointManager, Restored
 from dtrain.checkpoint.preemption import Preempted, PreemptionWatcher
 from dtrain.config.compose import config_hash
 from dtrain.config.errors import ConfigError
 from dtrain.data.loader import ResumableLoader, build_dataset, eval_batches
 from dtrain.distributed.env import DistEnv
+from dtrain.metrics.goodput import NullLedger, open_ledger
 from dtrain.metrics.loggers import MetricLogger, build_loggers
 from dtrain.metrics.monitor import RunMonitor
 from dtrain.metrics.throughput import peak_memory_bytes, step_throughput
@@ -37,7 +38,7 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: ResumableLoader,
                  val_dataset: Dataset | None, logger: MetricLogger, flops_per_token: float | None,
                  checkpoints: CheckpointManager, preemption: PreemptionWatcher | None = None,
-                 monitor: RunMonitor | None = None):
+                 monitor: RunMonitor | None = None, goodput: NullLedger | None = None):
         self.cfg, self.env, self.device, self.strategy = cfg, env, device, strategy
         self.scheduler, self.train_loader, self.val_dataset = scheduler, train_loader, val_dataset
         self.logger, self.flops_per_token = logger, flops_per_token
@@ -46,6 +47,8 @@ class Trainer:
         self.step = 0
         self.tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
         self._grace_warned = False
+        self.goodput = goodput or NullLedger()  # where the wall time goes (rank 0 writes the run's ledger)
+        self.restored: Restored | None = None
 
     @classmethod
     def build(cls, cfg: DictConfig, env: DistEnv, device: torch.device,
@@ -77,15 +80,21 @@ class Trainer:
         preemption = PreemptionWatcher(list(cfg.checkpoint.preemption_signals), device, cfg.checkpoint.grace_period_s,
                                        lambda: checkpoints.newest_committed)
         monitor.attach(checkpoints, preemption, role=getattr(strategy, "pp_rank", 0))
+        goodput = open_ledger(cfg.run.dir, env.is_rank_zero, env.world_size)
+        checkpoints.on_commit = goodput.commit
         trainer = cls(cfg, env, device, strategy, scheduler, loader, val_set, build_loggers(cfg, env.is_rank_zero),
-                      flops, checkpoints, preemption, monitor)
+                      flops, checkpoints, preemption, monitor, goodput)
+        restore_start = time.perf_counter()
         try:
             trainer.resume()
         except BaseException:
             checkpoints.close()  # releases the writer lease
             monitor.close()
             raise
+        restore_s = time.perf_counter() - restore_start
         trainer.warn_if_save_exceeds_grace(write_bandwidth)
+        restored = trainer.restored
+        goodput.begin(trainer.step, restored and restored.step, restored and restored.manifest_crc32c, restore_s)
         return trainer
 
     # -- checkpoint state ------------------------------------------------------------------------------
@@ -110,10 +119,11 @@ class Trainer:
             self.train_loader.load_state_dict(restored.extras["loader"])
         except ValueError as e:
             raise ConfigError(f"cannot resume from {restored.source}: {e}") from None
-        self.step = restored.step
+        self.step, self.restored = restored.step, restored
 
-    def save_checkpoint(self, blocking: bool = False) -> float:
+    def save_checkpoint(self, blocking: bool = False, kind: str = "interval") -> float:
         blocked = self.checkpoints.save(self.step, self.strategy.state_dict(), self.extra_state(), blocking)
+        self.goodput.checkpoint(self.step, blocked, kind)
         self.warn_if_save_exceeds_grace()
         return blocked
 
@@ -173,12 +183,18 @@ class Trainer:
         """One turn of the loop: a step, then evaluation, checkpoint, logging and the preemption check."""
         t = self.cfg.trainer
         metrics = self.run_step()
+        self.goodput.step(self.step, metrics["step_time_s"], metrics["step_time_s"] * metrics["data_wait_share"])
         if self.val_dataset is not None and (self.step % t.eval_every == 0 or self.step == t.max_steps):
             self.monitor.enter("eval", self.step)
+            start = time.perf_counter()
             metrics["val_loss"] = self.evaluate()
-        if self.checkpoints.due(self.step):
+            self.goodput.evaluation(self.step, time.perf_counter() - start)
+        if self.checkpoints.due(self.step, metrics["step_time_s"]):
             self.monitor.enter("checkpoint", self.step)
             metrics["ckpt_blocked_s"] = self.save_checkpoint()
+        goodput = self.goodput.ratio()
+        if goodput is not None:
+            metrics["goodput"] = goodput
         metrics.update(self.monitor.step_done(self.step, metrics))
         if (self.step % t.log_every == 0 or self.step == t.max_steps or "val_loss" in metrics
                 or "ckpt_blocked_s" in metrics or "straggler_scores" in metrics):
@@ -187,7 +203,7 @@ class Trainer:
         if self.preemption is not None and self.preemption.agreed():
             self.preemption.saving()
             self.monitor.enter("checkpoint", self.step)
-            self.save_checkpoint(blocking=True)
+            self.save_checkpoint(blocking=True, kind="preemption")
             self.checkpoints.finalize()
             raise Preempted(self.step, self.preemption.signal_name)
         return metrics
@@ -202,8 +218,11 @@ class Trainer:
                 metrics = self.advance()
             self.monitor.enter("checkpoint", self.step)
             if self.cfg.checkpoint.save_final:
-                self.save_checkpoint(blocking=True)
+                self.save_checkpoint(blocking=True, kind="final")
             self.checkpoints.finalize()
+        except BaseException as e:
+            self.goodput.end(self.step, "preempted" if isinstance(e, Preempted) else "error")
+            raise
         finally:
             self.monitor.close()
             self.logger.close()
@@ -211,6 +230,7 @@ class Trainer:
             if self.preemption is not None:
                 self.preemption.close()
         self.sample_text()
+        self.goodput.end(self.step, "done")
         return metrics
 
     def sample_text(self) -> str | None:

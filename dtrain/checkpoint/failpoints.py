@@ -3,7 +3,8 @@
 ``DTRAIN_FAILPOINT=<name>[@<rank>|@*][#<step>]``, e.g. ``after_shards@0#20`` kills rank 0 right after
 its shards of step 20 are written and before the manifest. Unset (always, outside tests) a failpoint
 costs one comparison. Names: ``mid_shard`` (64 KiB into a shard file), ``after_shards`` (all data
-written, manifest not yet), ``mid_retention`` (an old step's manifest deleted, its files not yet).
+written, manifest not yet), ``mid_retention`` (an old step's manifest deleted, its files not yet),
+``mid_restore`` (a resume verified the step's files and is about to load them; the step is the restored one).
 """
 
 from __future__ import annotations

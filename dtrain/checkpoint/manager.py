@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from dtrain.checkpoint import failpoints
 from dtrain.checkpoint.dcp_io import (FileRecord, FsspecReader, HashingFsspecWriter, checksum_of_stream,
                                      crc32c_hex, stop_checkpoint_process)
+from dtrain.checkpoint.interval import AutoInterval, FixedInterval
 from dtrain.checkpoint.lease import WriterLease, this_writer
 from dtrain.checkpoint.manifest import (MANIFEST, Manifest, ManifestError, parse_step, read_manifest, step_dir,
                                         verify_files)
@@ -62,6 +63,7 @@ class Restored:
     step: int
     extras: dict[str, Any]  # trainer state: scheduler, loader, ... (identical on every rank)
     source: str  # URL of the step folder
+    manifest_crc32c: str = ""  # of the manifest that was verified and loaded (what the goodput ledger records)
 
 
 def rng_state() -> dict[str, Any]:
@@ -166,6 +168,10 @@ class CheckpointManager:
         self.newest_committed_unix: float | None = None  # its commit time (the manifest's), for its age
         self.lease: WriterLease | None = None
         self.writer = collectives.on_rank_zero(self._acquire_lease)
+        self.schedule = AutoInterval(self.cfg.mtbi_s) if self.cfg.interval_steps == "auto" else \
+            FixedInterval(int(self.cfg.interval_steps))
+        # rank 0 calls this with (step, CRC32C of the manifest) just before writing the manifest, i.e. the commit
+        self.on_commit: Callable[[int, str], None] | None = None
 
     def _acquire_lease(self) -> str:
         """Rank 0 claims the URI for this run (see dtrain.checkpoint.lease); returns this writer's id."""
@@ -176,8 +182,9 @@ class CheckpointManager:
         return me.writer
 
     # -- saving ----------------------------------------------------------------------------------------
-    def due(self, step: int) -> bool:
-        return self.cfg.interval_steps > 0 and step % self.cfg.interval_steps == 0
+    def due(self, step: int, step_time_s: float | None = None) -> bool:
+        """Whether to save after ``step`` (the same answer on every rank; ``auto`` learns from ``step_time_s``)."""
+        return self.schedule.due(step, step_time_s)
 
     def save(self, step: int, state: dict[str, Any], extras: dict[str, Any], blocking: bool = False) -> float:
         """Start (or, if ``blocking`` or async is off, complete and commit) a save; returns seconds blocked."""
@@ -211,6 +218,7 @@ class CheckpointManager:
         blocked = time.perf_counter() - start
         log.info("checkpoint step %d: loop blocked %.3f s (%s)", step, blocked,
                  "async write continues" if self._pending is not None else "committed")
+        self.schedule.saved(step, blocked)
         return blocked
 
     def _prepare_folder(self, step: int) -> str:
@@ -313,7 +321,13 @@ class CheckpointManager:
                             config_hash=self.config_hash, files=files, save_seconds=seconds,
                             created_unix=time.time(), writer=self.writer, lineage=self.lineage,
                             extra={"async_mode": self.async_mode})
-        self.storage.write_bytes(posixpath.join(name, MANIFEST), manifest.to_json())
+        manifest_bytes = manifest.to_json()
+        if self.on_commit is not None:
+            try:
+                self.on_commit(step, crc32c_hex(manifest_bytes))
+            except Exception as e:  # bookkeeping never stops a commit
+                log.warning("commit callback failed for step %d: %s", step, e)
+        self.storage.write_bytes(posixpath.join(name, MANIFEST), manifest_bytes)
         self.storage.sync_dir(name)  # and the manifest's own entry: now the step is committed
         self._trusted.add(step)
         self.newest_committed, self.newest_committed_unix = step, manifest.created_unix
@@ -423,6 +437,7 @@ class CheckpointManager:
         self._check_compatible(OmegaConf.create(saved_cfg), url)
         self._check_shapes(metadata, template, url)
         start = time.perf_counter()
+        failpoints.failpoint("mid_restore", manifest.step)
         dcp.load(template, storage_reader=_PreloadedReader(url, metadata, **storage.options),
                  no_dist=not dist.is_initialized())
         extras = json.loads(trainer_state)
@@ -443,7 +458,8 @@ class CheckpointManager:
             log.info("world size changed %d -> %d: model and optimizer resharded by DCP, data continues at "
                      "global sample %s, RNG re-seeded per rank", manifest.world_size, self.env.world_size,
                      extras.get("loader", {}).get("next_sample"))
-        return Restored(step=manifest.step, extras=extras, source=url)
+        self.schedule.restart_at(manifest.step)
+        return Restored(step=manifest.step, extras=extras, source=url, manifest_crc32c=crc32c_hex(manifest.to_json()))
 
     def _check_compatible(self, saved: DictConfig, url: str) -> None:
         """A checkpoint of another model is a config error, reported before any tensor is read."""

@@ -156,7 +156,10 @@ class CheckpointConfig:
     # passed to fsspec (endpoint_url, anon, ...); credentials belong in the environment, and are redacted
     # from every file and log dtrain writes
     storage_options: dict[str, Any] = field(default_factory=dict)
-    interval_steps: int = 100  # 0: only the final (and preemption) checkpoint
+    # steps between saves; 0: only the final (and preemption) checkpoint; auto: Young/Daly from the measured
+    # blocking save time and step time and mtbi_s (typed Any: OmegaConf 2.3 has no Union[int, str])
+    interval_steps: Any = 100
+    mtbi_s: Optional[float] = None  # mean time between interruptions of this job, seconds (for interval auto)
     keep_last: int = 2  # committed steps kept; never fewer than 1
     async_mode: str = "off"  # off | thread | process
     resume: str = "auto"  # auto | never | <step> | <URI of a step_XXXXXXXX folder>

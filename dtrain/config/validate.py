@@ -7,6 +7,7 @@ the key, the value and how to fix it.
 from __future__ import annotations
 
 import importlib.util
+import math
 import signal
 from typing import Callable, Sequence
 
@@ -110,8 +111,7 @@ def check_checkpoint(cfg: DictConfig, world_size: int) -> list[str]:
     problems = []
     if c.keep_last < 1:
         problems.append(f"checkpoint.keep_last={c.keep_last} must be >= 1 (the newest committed step is always kept)")
-    if c.interval_steps < 0:
-        problems.append(f"checkpoint.interval_steps={c.interval_steps} must be >= 0 (0: only final/preemption saves)")
+    problems += _interval_problems(c.interval_steps, c.mtbi_s)
     if c.async_mode not in ("off", "thread", "process"):
         problems.append(f"checkpoint.async_mode={c.async_mode} is not one of: off, thread, process")
     resume = str(c.resume)
@@ -164,6 +164,21 @@ def check_monitoring(cfg: DictConfig, world_size: int) -> list[str]:
         problems.append(f"monitor.flight_recorder_entries={m.flight_recorder_entries} must be >= 0 (0: off)")
     if m.straggler_window < 0 or m.straggler_window == 1:
         problems.append(f"monitor.straggler_window={m.straggler_window} must be 0 (off) or at least 2 steps")
+    return problems
+
+
+def _interval_problems(interval: object, mtbi_s: float | None) -> list[str]:
+    problems = []
+    if interval == "auto":
+        if mtbi_s is None:
+            problems.append("checkpoint.interval_steps=auto needs checkpoint.mtbi_s, the mean time between "
+                            "interruptions of this job in seconds (e.g. checkpoint.mtbi_s=14400 for one every 4 h)")
+    elif isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+        problems.append(f"checkpoint.interval_steps={interval} must be a whole number >= 0 (0: only final/preemption "
+                        "saves) or auto (from measured save costs and checkpoint.mtbi_s)")
+    if mtbi_s is not None and not (0 < mtbi_s < math.inf):
+        problems.append(f"checkpoint.mtbi_s={mtbi_s} must be a positive number of seconds (the mean time between "
+                        "interruptions, e.g. checkpoint.mtbi_s=14400)")
     return problems
 
 

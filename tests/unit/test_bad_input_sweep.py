@@ -47,7 +47,10 @@ def live_lease(run_dir: Path) -> None:
                                                    "renewed_unix": now}))
 
 
-SUBCOMMANDS = ("validate", "plan", "ckpt", "launch")
+SUBCOMMANDS = ("validate", "plan", "ckpt", "launch", "goodput", "scale")
+SPOT = ["--spot-preemptions-per-node-hour", "0.01", "--on-demand-price", "4", "--spot-price", "1.2",
+        "--out", "/nonexistent/dtrain-spot.json", "--save-s", "10", "--restart-s", "60"]
+
 # (id, argv, environment, what the one line must contain); "{committed}" is the committed run's folder
 CASES = [
     # config groups
@@ -91,6 +94,10 @@ CASES = [
     ("async mode", ["checkpoint.async_mode=fast"], {}, "checkpoint.async_mode=fast is not one of"),
     ("signal name", ["checkpoint.preemption_signals=[SIGFOO]"], {}, "'SIGFOO', not a signal name"),
     ("storage timeout", ["checkpoint.storage_timeout_s=0"], {}, "checkpoint.storage_timeout_s=0"),
+    ("interval nonsense", ["checkpoint.interval_steps=often"], {}, "checkpoint.interval_steps=often must be"),
+    ("auto interval without an MTBI", ["checkpoint.interval_steps=auto"], {}, "needs checkpoint.mtbi_s"),
+    ("MTBI not positive", ["checkpoint.interval_steps=auto", "checkpoint.mtbi_s=0"], {},
+     "checkpoint.mtbi_s=0.0 must be a positive"),
     # resume, against the committed run
     ("resume never over committed steps", ["checkpoint.resume=never", "run.dir={committed}"], {},
      "already holds committed steps"),
@@ -121,6 +128,12 @@ CASES = [
                                         "strategy.tp=2"], {}, "is not divisible by strategy.tp=2"),
     ("launch an unknown launcher", ["launch", "frob"], {}, "unknown launcher 'frob'"),
     ("launch a bad option value", ["launch", "slurm", "--nodes", "zero"], {}, "invalid int value: 'zero'"),
+    ("goodput of a folder without a ledger", ["goodput", "{committed}/checkpoints"], {}, "no goodput ledger"),
+    ("goodput of a missing folder", ["goodput", "/nonexistent/dtrain-run"], {}, "is not a directory"),
+    ("spot rate out of range", ["scale", "spot", *SPOT[:1], "-0.5", *SPOT[2:]], {}, "within [0, 3600)"),
+    ("spot price not positive", ["scale", "spot", *SPOT[:5], "0", *SPOT[6:]], {}, "--spot-price=0 must be a positive"),
+    ("spot from a run without a ledger", ["scale", "spot", *SPOT[:-4], "--from", "{committed}/checkpoints"], {},
+     "no goodput ledger"),
     ("ckpt export into a missing folder", ["ckpt", "export", "{committed}/checkpoints/step_00000002",
                                            "/nonexistent/dir/m.safetensors"], {}, "/nonexistent/dir"),
 ]

@@ -51,3 +51,22 @@ def test_data_workers_eval_and_sample(tmp_path, capsys):
             tokens.append(int(logits[0, -1].argmax()))
     expected = bytes(tokens).decode("utf-8", errors="replace")
     assert printed == expected and len(printed) > len("def "), (printed, expected)
+
+
+def test_building_a_fresh_trainer_leaves_the_optimizer_untouched(tmp_path):
+    """The start-up save-time estimate must not build the optimizer's state dict: on a fresh optimizer that
+    runs a zero step, so rank 0 alone would start with Adam's step count at 1 and DDP replicas drift apart
+    (and an interrupted run would not resume to the uninterrupted run's losses)."""
+    import torch
+
+    from dtrain.config.validate import load_config
+    from dtrain.distributed.env import discover_env
+    from dtrain.trainer import Trainer
+
+    cfg = load_config([*SMALL, "trainer.max_steps=2", "trainer.eval_every=0", f"run.dir={tmp_path}"], 1)
+    trainer = Trainer.build(cfg, discover_env(), torch.device("cpu"), write_bandwidth=1e9)
+    try:
+        assert not trainer.strategy.optimizer.state
+    finally:
+        trainer.checkpoints.close()
+        trainer.preemption.close()
