@@ -22,6 +22,7 @@ USAGE = """usage: dtrain [hydra overrides...]            train (e.g. dtrain mode
        dtrain validate [hydra overrides...]   check a config without training
        dtrain plan --world-size N [--rank R] [overrides...]   mesh, shards and memory of N ranks, in one process
        dtrain ckpt ls|verify|inspect|export   look at checkpoints (dtrain ckpt --help)
+       dtrain scale project|validate|measure|calibrate   scaling studies (dtrain scale --help)
        torchrun --nproc-per-node=N -m dtrain [overrides...]
 
 exit codes: 0 done | 2 bad config or storage (nothing was started) | 75 preempted after a committed
@@ -115,6 +116,10 @@ def run(argv: Sequence[str]) -> int:
         from dtrain.checkpoint.cli import main as ckpt_main
 
         return ckpt_main(argv[1:])
+    if argv and argv[0] == "scale":
+        from dtrain.scaling.cli import main as scale_main
+
+        return scale_main(argv[1:])
     if argv and argv[0] == "plan":
         from dtrain.dryrun import cmd_plan
 
