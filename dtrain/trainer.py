@@ -20,6 +20,7 @@ from dtrain.config.compose import config_hash
 from dtrain.config.errors import ConfigError
 from dtrain.data.loader import ResumableLoader, build_dataset, eval_batches
 from dtrain.distributed.env import DistEnv
+from dtrain.metrics.exposed_comm import CommMeter, world_dimension
 from dtrain.metrics.loggers import MetricLogger, build_loggers
 from dtrain.metrics.throughput import peak_memory_bytes, step_throughput
 from dtrain.models import build_model
@@ -27,6 +28,7 @@ from dtrain.models.generate import generate
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.parallel.memory import log_memory_estimate
 from dtrain.strategies import Strategy, StepSpec, build_strategy
+from dtrain.strategies.layout import parallel_dims
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,12 @@ class Trainer:
     def __init__(self, cfg: DictConfig, env: DistEnv, device: torch.device, strategy: Strategy,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: ResumableLoader,
                  val_dataset: Dataset | None, logger: MetricLogger, flops_per_token: float | None,
-                 checkpoints: CheckpointManager, preemption: PreemptionWatcher | None = None):
+                 checkpoints: CheckpointManager, preemption: PreemptionWatcher | None = None,
+                 comm: CommMeter | None = None):
         self.cfg, self.env, self.device, self.strategy = cfg, env, device, strategy
         self.scheduler, self.train_loader, self.val_dataset = scheduler, train_loader, val_dataset
         self.logger, self.flops_per_token = logger, flops_per_token
-        self.checkpoints, self.preemption = checkpoints, preemption
+        self.checkpoints, self.preemption, self.comm = checkpoints, preemption, comm
         self.step = 0
         self.tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
         self._grace_warned = False
@@ -70,7 +73,8 @@ class Trainer:
                  t.global_batch_size * cfg.data.seq_len, cfg.run.dir)
         checkpoints = CheckpointManager(cfg, env, config_hash(cfg), strategy.name)
         trainer = cls(cfg, env, device, strategy, scheduler, loader, val_set, build_loggers(cfg, env.is_rank_zero),
-                      flops, checkpoints, PreemptionWatcher(list(cfg.checkpoint.preemption_signals), device))
+                      flops, checkpoints, PreemptionWatcher(list(cfg.checkpoint.preemption_signals), device),
+                      CommMeter.for_run(t.measure_comm, device, _world_dimension(cfg, env.world_size)))
         try:
             trainer.resume()
         except BaseException:
@@ -124,6 +128,8 @@ class Trainer:
 
     def run_step(self) -> dict[str, Any]:
         """One optimizer step with its measurements. Step time includes waiting for data."""
+        if self.comm is not None:
+            self.comm.begin_step()
         start = time.perf_counter()
         batch = next(self.train_loader)
         data_time = time.perf_counter() - start
@@ -139,6 +145,8 @@ class Trainer:
                                    "peak_mem_gib": peak_memory_bytes(self.device) / 2**30}
         metrics.update(step_throughput(self.tokens_per_step, step_time, self.flops_per_token,
                                        self.env.world_size, self.cfg.hardware.peak_flops_per_device))
+        if self.comm is not None:
+            metrics.update(self.comm.end_step(step_time))
         return metrics
 
     def evaluate(self) -> float:
@@ -178,6 +186,8 @@ class Trainer:
         finally:
             self.logger.close()
             self.checkpoints.close()
+            if self.comm is not None:
+                self.comm.close()
             if self.preemption is not None:
                 self.preemption.close()
         self.sample_text()
@@ -197,6 +207,12 @@ class Trainer:
         if self.env.is_rank_zero:
             print(f"\n--- sample after {self.step} steps ---\n{text}\n--- end of sample ---", flush=True)
         return text
+
+
+def _world_dimension(cfg: DictConfig, world_size: int) -> str:
+    """Which mesh dimension the default process group's collectives belong to (exposed-comm attribution)."""
+    dims = parallel_dims(cfg.strategy.name, cfg.strategy, world_size)
+    return world_dimension(dims.degrees if dims is not None else None)
 
 
 def _tensors(state: Any):

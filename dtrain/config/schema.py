@@ -38,6 +38,9 @@ class TrainerConfig:
     sample_tokens: int = 200  # tokens generated from the trained model at the end; 0 disables
     sample_prompt: str = "def "
     sample_temperature: float = 0.8
+    # time every step spends waiting on communication, by mesh dimension (exposed_comm_* in metrics.jsonl;
+    # CPU/gloo runs; see dtrain/metrics/exposed_comm.py)
+    measure_comm: bool = True
 
 
 @dataclass
