@@ -123,7 +123,7 @@ class HardwareConfig:
     nvlink_gbps_per_gpu: Optional[float] = None  # per direction
     nic_gbps_per_gpu: Optional[float] = None
     compute_slots_per_node: Optional[int] = None
-    comm_overlaps_compute: Optional[bool] = None
+    async_device: Optional[bool] = None
     matmul_efficiency: Optional[float] = None
     memory_efficiency: Optional[float] = None
     nvlink_efficiency: Optional[float] = None

@@ -6,10 +6,10 @@ collective call (issuing it; a synchronous call runs to completion) plus time bl
 asynchronous one. Both are timed where they happen, for every caller alike:
 
 - every ``c10d`` collective op (DDP's reducer, FSDP2, pipeline sends and receives, dtrain's own
-  reductions) and every functional collective (DTensor) gets a thin Python kernel at the autograd
-  dispatch key that times the call, notes the group, and passes the call on below autograd;
+  reductions) gets a thin Python kernel at the autograd dispatch key that times the call, notes the
+  group, and passes the call on below autograd;
 - ``Work.wait`` (the waits of FSDP2, the pipeline schedules and ``dist.*`` calls) and the functional
-  collectives' ``wait_tensor`` (DTensor) are timed;
+  collectives' ``wait_tensor`` (DTensor, i.e. tensor parallelism) are timed;
 - DDP waits for its gradient buckets inside C++ at the end of backward, where Python cannot see; a
   bucket issued during backward therefore gets an end-of-backward callback (queued before DDP's own)
   that waits for it first, timed. Nothing moves: DDP would block on the same bucket a moment later.
@@ -18,11 +18,13 @@ Attribution: a collective's group names its mesh dimension (DeviceMesh groups ar
 ``mesh_<dim>``): ``dp`` (dp_replicate, dp_shard), ``tp``, ``pp``, ``cp``. The default (world) group
 belongs to the run's only parallel dimension when there is one (DDP: ``dp``; a DeviceMesh dimension
 as large as the world reuses the default group), else to ``other`` (dtrain's loss and gradient-norm
-reductions over every rank). A pipeline rank blocked waiting for a receive waits for its neighbour's
-compute: those waits are the ``bubble`` (fill, drain and stage imbalance, plus the transfer itself),
-kept apart from ``exposed_comm_s``; issuing sends and receives and waiting for sends count as ``pp``.
-DTensor collectives issued inside its own dispatch are first seen at their wait and are counted as
-``tp`` (dtrain uses DTensor collectives only for tensor parallelism).
+reductions over every rank). A pipeline rank blocked on a send or a receive waits for its neighbour
+(a gloo send completes when the peer has posted the matching receive): those waits are the
+``bubble`` (fill, drain and stage imbalance, plus the transfer itself), kept apart from
+``exposed_comm_s``; issuing the sends and receives counts as ``pp``.
+DTensor's collectives are timed at their wait only and counted as ``tp`` (dtrain uses DTensor
+collectives only for tensor parallelism; issuing one costs microseconds on gloo, and a Python kernel
+on each of the hundreds a tensor-parallel step issues would cost more than it measures).
 
 Cost: nothing runs outside the trainer's step window; inside, tens of microseconds of Python per
 collective (benchmarks/exposed_comm_overhead.py: the step-time ratio on vs off, and the cost per
@@ -34,8 +36,8 @@ derives exposed communication there from a reference run of the same per-rank wo
 ``fake`` process group (``reference: fake``). See docs/scaling.md.
 
 Fault injection: ``DTRAIN_INJECT_COMM_DELAY_MS=X`` blocks the issuing thread X ms in every collective
-of the training step (before the collective starts; for a DTensor collective first seen at its wait,
-at the wait), like a collective that takes X ms longer on the critical path. Used to validate the
+of the training step (before a c10d collective starts; at the wait of a DTensor collective), like a
+collective that takes X ms longer on the critical path. Used to validate the
 meter (tests/distributed/test_exposed_comm.py); never set it in production.
 """
 
@@ -52,8 +54,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dtrain.torch_private import (below_autograd, functional_collectives, group_by_name, in_backward,
-                                  queue_backward_callback)
+from dtrain.torch_private import below_autograd, functional_collectives, in_backward, queue_backward_callback, raw_op
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,6 @@ _C10D_OPS: dict[str, int] = {
     "recv_any_source_": 0, "alltoall_base_": 1, "alltoall_": 1, "reduce_": 0, "gather_": 1, "scatter_": 1,
     "barrier": -1, "monitored_barrier_": -1,
 }
-_FUNCTIONAL_OPS = ("all_reduce", "all_reduce_", "all_reduce_coalesced", "all_reduce_coalesced_",
-                   "all_gather_into_tensor", "all_gather_into_tensor_coalesced", "all_gather_into_tensor_out",
-                   "reduce_scatter_tensor", "reduce_scatter_tensor_coalesced", "reduce_scatter_tensor_out",
-                   "all_to_all_single", "broadcast", "broadcast_")
 
 
 def injected_delay_s() -> float:
@@ -114,27 +111,15 @@ def _dim_of_boxed(args: tuple) -> str:
     for arg in args:
         if isinstance(arg, torch.ScriptObject):
             try:
-                return _dim_of_group(dist.ProcessGroup.unbox(arg))
+                group = dist.ProcessGroup.unbox(arg)
             except (RuntimeError, TypeError):
                 continue
+            dim = _STATE.dims.get(id(group))
+            if dim is None:
+                dim = _STATE.dims[id(group)] = _dim_of_group(group)
+                _STATE.groups.append(group)  # keeps the id valid
+            return dim
     return "other"
-
-
-def _dim_of_name(args: tuple) -> str:
-    names = [a for a in args if isinstance(a, str)]
-    if names:
-        try:
-            return _dim_of_group(group_by_name(names[-1]))
-        except (RuntimeError, ValueError, KeyError):
-            pass
-    return "tp"
-
-
-def _storage_key(tensor: torch.Tensor) -> int:
-    try:
-        return tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return id(tensor)
 
 
 @dataclass
@@ -165,8 +150,9 @@ class _State:
         self.delay = 0.0
         self.world_dim = "dp"
         self.step = StepComm()
-        self.works: dict[int, tuple[Any, str, bool]] = {}  # id(Work) -> (work, dim, is_receive)
-        self.tensors: dict[int, str] = {}  # storage of a functional collective's output -> dim
+        self.works: dict[int, tuple[Any, str, bool]] = {}  # id(Work) -> (work, dim, is point to point)
+        self.dims: dict[int, str] = {}  # id(ProcessGroup) -> dim
+        self.groups: list[Any] = []
         self.libraries: list[torch.library.Library] = []
         self.original_wait = None
         self.original_wait_tensor = None
@@ -192,51 +178,28 @@ def _c10d_kernel(name: str, packet, payload: int):
             time.sleep(state.delay)
         with below_autograd():
             out = packet(*args, **kwargs)
-        receive = name.startswith("recv")
+        point_to_point = name in ("send", "recv_", "recv_any_source_")
         state.add(dim, time.perf_counter() - start)
         with state.lock:
             state.step.calls += 1
             state.step.bytes += _nbytes(args[payload]) if 0 <= payload < len(args) else 0
         work = out[1] if isinstance(out, tuple) and len(out) == 2 else out
         if isinstance(work, torch.ScriptObject):
-            _register_work(dist.Work.unbox(work), dim, receive)
+            _register_work(dist.Work.unbox(work), dim, point_to_point)
         return out
     return kernel
 
 
-def _register_work(work, dim: str, receive: bool) -> None:
+def _register_work(work, dim: str, point_to_point: bool) -> None:
     state = _STATE
     with state.lock:
         if len(state.works) > 4096:  # works nobody waited for: drop the finished ones
             for key in [k for k, (w, _, _) in state.works.items() if w.is_completed()]:
                 del state.works[key]
-        state.works[id(work)] = (work, dim, receive)
+        state.works[id(work)] = (work, dim, point_to_point)
     if in_backward():
         # issued during backward (DDP's buckets): wait for it, timed, before DDP's own C++ wait
         queue_backward_callback(work.wait)
-
-
-def _functional_kernel(packet):
-    def kernel(*args, **kwargs):
-        state = _STATE
-        if not state.armed:
-            with below_autograd():
-                return packet(*args, **kwargs)
-        dim = _dim_of_name(args)
-        start = time.perf_counter()
-        if state.delay:
-            time.sleep(state.delay)
-        with below_autograd():
-            out = packet(*args, **kwargs)
-        state.add(dim, time.perf_counter() - start)
-        with state.lock:
-            state.step.calls += 1
-            state.step.bytes += _nbytes(args[0]) if args else 0
-            for tensor in (out if isinstance(out, (list, tuple)) else [out]):
-                if isinstance(tensor, torch.Tensor):
-                    state.tensors[_storage_key(tensor)] = dim
-        return out
-    return kernel
 
 
 def _timed_wait(self, *args, **kwargs):
@@ -249,27 +212,27 @@ def _timed_wait(self, *args, **kwargs):
     start = time.perf_counter()
     result = original(self, *args, **kwargs)
     if entry is not None:
-        _, dim, receive = entry
-        state.add("bubble" if receive and dim == "pp" else dim, time.perf_counter() - start)
+        _, dim, point_to_point = entry
+        state.add("bubble" if point_to_point and dim == "pp" else dim, time.perf_counter() - start)
     return result
 
 
 def _timed_wait_tensor(tensor):
+    """A DTensor collective's wait (its issue is not timed: it costs microseconds on gloo, and timing
+    it would put a Python kernel on every one of the hundreds of tensor-parallel collectives a step
+    issues). Counted as ``tp``: dtrain uses DTensor collectives only for tensor parallelism."""
     state = _STATE
     original = state.original_wait_tensor
     if not state.armed:
         return original(tensor)
-    with state.lock:
-        dim = state.tensors.pop(_storage_key(tensor), None)
     start = time.perf_counter()
-    if dim is None:  # issued inside DTensor's dispatch: first seen here
-        dim = "tp"
-        with state.lock:
-            state.step.calls += 1
-        if state.delay:
-            time.sleep(state.delay)
+    if state.delay:
+        time.sleep(state.delay)
     result = original(tensor)
-    state.add(dim, time.perf_counter() - start)
+    state.add("tp", time.perf_counter() - start)
+    with state.lock:
+        state.step.calls += 1
+        state.step.bytes += _nbytes(result)
     return result
 
 
@@ -284,13 +247,8 @@ def install(delay_s: float = 0.0) -> None:
     for name, payload in _C10D_OPS.items():
         packet = getattr(torch.ops.c10d, name, None)
         if packet is not None:
-            c10d.impl(name, _c10d_kernel(name, packet.default, payload), "AutogradCPU")
-    functional = torch.library.Library("_c10d_functional", "IMPL")
-    for name in _FUNCTIONAL_OPS:
-        packet = getattr(torch.ops._c10d_functional, name, None)
-        if packet is not None:
-            functional.impl(name, _functional_kernel(packet.default), "AutogradCPU")
-    state.libraries = [c10d, functional]
+            c10d.impl(name, _c10d_kernel(name, raw_op(packet.default), payload), "AutogradCPU")
+    state.libraries = [c10d]
     state.original_wait = dist.Work.wait
     dist.Work.wait = _timed_wait
     state.original_wait_tensor = funcol.wait_tensor
@@ -310,16 +268,19 @@ def uninstall() -> None:
     dist.Work.wait = state.original_wait
     funcol.wait_tensor = state.original_wait_tensor
     state.works.clear()
-    state.tensors.clear()
+    state.dims.clear()
+    state.groups.clear()
     state.installed = False
 
 
 class CommMeter:
     """The trainer's handle: ``begin_step()`` before a step, ``end_step(step_time)`` after it."""
 
-    def __init__(self, delay_s: float = 0.0, world_dim: str = "dp"):
-        install(delay_s)
-        _STATE.world_dim = world_dim
+    def __init__(self, delay_s: float = 0.0, world_dim: str = "dp", intercept: bool = True):
+        self.intercept = intercept  # one process without a group has nothing to intercept: zeros
+        if intercept:
+            install(delay_s)
+            _STATE.world_dim = world_dim
 
     @classmethod
     def for_run(cls, measure: bool, device: torch.device, world_dim: str = "dp") -> "CommMeter | None":
@@ -330,8 +291,10 @@ class CommMeter:
                 log.info("exposed communication is not measured in-run on %s (host time is not device time); "
                          "use a study with `reference: fake`", device.type)
             return None
-        if not (measure or delay) or not dist.is_initialized() or dist.get_world_size() == 1:
+        if not (measure or delay):
             return None
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return cls(intercept=False)
         if delay:
             log.warning("%s: every collective of the training step is delayed %.1f ms (fault injection)",
                         INJECT_ENV, delay * 1000)
@@ -344,15 +307,15 @@ class CommMeter:
     def begin_step(self) -> None:
         state = _STATE
         state.step = StepComm()
-        state.armed = True
+        state.armed = self.intercept
 
     def end_step(self, step_time: float) -> dict[str, float]:
         state = _STATE
         state.armed = False
         with state.lock:
             step, state.step = state.step, StepComm()
-            state.tensors.clear()
         return step.metrics(step_time)
 
     def close(self) -> None:
-        uninstall()
+        if self.intercept:
+            uninstall()

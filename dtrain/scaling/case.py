@@ -10,7 +10,9 @@ YAML or JSON with three blocks and two scalars (the format of issue 11, which ch
     hardware: a100_80gb        # a preset name or a block of hardware fields
 
 ``kv_heads`` defaults to ``heads``, ``ffn_hidden`` to 4 x hidden; ``model.attention`` (flash | unfused)
-defaults to the hardware preset's stack. ``dp = gpus / (tp x pp x cp)`` is derived. Every problem is
+defaults to the hardware preset's stack; ``parallel.grad_dtype`` (what gradients are reduced in)
+defaults to the precision, as in Megatron-LM (PyTorch autocast keeps FP32 gradients: set fp32).
+``dp = gpus / (tp x pp x cp)`` is derived. Every problem is
 collected and reported at once, one line each, before any arithmetic.
 """
 
@@ -31,7 +33,7 @@ RECOMPUTE = ("none", "selective", "full")
 ZERO_STAGES = (0, 1, 2, 3)
 MODEL_KEYS = {"layers", "hidden", "heads", "kv_heads", "ffn_hidden", "gated_mlp", "vocab", "seq_len", "attention"}
 PARALLEL_KEYS = {"gpus", "tp", "pp", "vpp", "cp", "micro_batch", "global_batch", "zero", "sequence_parallel",
-                 "recompute", "dp_overlap"}
+                 "recompute", "dp_overlap", "grad_dtype"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Parallel:
     sequence_parallel: bool = False
     recompute: str = "none"
     dp_overlap: bool = True
+    grad_dtype: str = ""  # what gradients are reduced in: "" = the precision (Megatron); fp32 = PyTorch autocast
 
     @property
     def dp(self) -> int:
@@ -158,6 +161,9 @@ def parse(data: Any) -> Case:
     recompute = p.get("recompute", "none")
     if recompute not in RECOMPUTE:
         problems.append(f"parallel.recompute={recompute!r} must be one of: {', '.join(RECOMPUTE)}")
+    grad_dtype = p.get("grad_dtype", "")
+    if grad_dtype not in ("", "fp32", "bf16", "fp16"):
+        problems.append(f"parallel.grad_dtype={grad_dtype!r} must be fp32, bf16 or fp16 (default: the precision)")
     zero = p.get("zero", 0)
     if zero not in ZERO_STAGES:
         problems.append(f"parallel.zero={zero!r} must be one of 0, 1, 2, 3 (3 = FSDP full sharding)")
@@ -167,7 +173,8 @@ def parse(data: Any) -> Case:
                            micro_batch=_int(p, "micro_batch", "parallel", problems, 1),
                            global_batch=_int(p, "global_batch", "parallel", problems), zero=zero,
                            sequence_parallel=_bool(p, "sequence_parallel", "parallel", problems, False),
-                           recompute=recompute, dp_overlap=_bool(p, "dp_overlap", "parallel", problems, True))
+                           recompute=recompute, dp_overlap=_bool(p, "dp_overlap", "parallel", problems, True),
+                           grad_dtype=grad_dtype)
     if problems:
         raise ConfigError(problems)
     case = Case(Model(**model_values), Parallel(**parallel_values), precision, hardware)

@@ -1,4 +1,4 @@
-"""``dtrain scale <command>``: project, validate, measure, calibrate.
+"""``dtrain scale <command>``: project, validate, measure, calibrate, projections, plot.
 
 Each command is one entry in :data:`COMMANDS` (name -> (one-line help, handler)); a new one is one more
 entry. Handlers take the remaining arguments and return an exit code: 0 done, 1 a check failed (goals
@@ -115,13 +115,37 @@ def cmd_calibrate(argv: Sequence[str]) -> int:
     return calibrate_main(argv)
 
 
+def cmd_projections(argv: Sequence[str]) -> int:
+    from dtrain.scaling.targets import main as projections_main
+
+    return projections_main(argv)
+
+
+def cmd_plot(argv: Sequence[str]) -> int:
+    from dtrain.scaling.plots import measured_plots
+
+    parser = _Parser(prog="dtrain scale plot", description="Plots of a measured study's results.json.")
+    parser.add_argument("results", help="results.json written by `dtrain scale measure`")
+    parser.add_argument("--out", help="folder for the PNG files (default: next to results.json)")
+    args = parser.parse_args(list(argv))
+    path = Path(args.results)
+    if not path.is_file():
+        raise ConfigError(f"results file {path} does not exist")
+    for plot in measured_plots(json.loads(path.read_text()), Path(args.out) if args.out else path.parent):
+        print(f"wrote {plot}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "project": ("project CASE [--gpus 8,128,1024] [--strong] --out OUT.json   step time, MFU, comm and bubble "
                 "fractions on GPUs", cmd_project),
     "validate": ("validate [--cases FILE] --out V.json   the projection against published runs", cmd_validate),
     "measure": ("measure STUDY.yaml --out DIR   run a scaling sweep and write DIR/results.json", cmd_measure),
-    "calibrate": ("calibrate [--out PRESET.yaml]   measure this machine's compute, memory and gloo links "
-                  "(cpu_local preset)", cmd_calibrate),
+    "calibrate": ("calibrate [--results DIR/results.json] [--out PRESET.yaml]   measure this machine's compute, "
+                  "memory and gloo links (cpu_local preset)", cmd_calibrate),
+    "projections": ("projections FILE --out DIR   project several CASEs on several presets and check the "
+                    "quoted scaling targets", cmd_projections),
+    "plot": ("plot RESULTS.json [--out DIR]   plots of a measured study", cmd_plot),
 }
 
 

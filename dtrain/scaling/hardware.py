@@ -55,7 +55,10 @@ DEFAULTS: dict[str, Any] = {
     "nvlink_gbps_per_gpu": 300.0,  # GB/s per direction per GPU
     "nic_gbps_per_gpu": 25.0,  # GB/s per GPU across nodes
     "compute_slots_per_node": None,  # ranks a node can run at full speed; None: gpus_per_node
-    "comm_overlaps_compute": True,  # GPUs: communication has its own engines; CPUs: it shares the cores
+    # an accelerator the host feeds asynchronously: launch costs hide behind running kernels (down to a
+    # floor per kernel) and communication has its own engines. False for a CPU: the host runs kernels,
+    # dispatch overhead and gloo's threads on the same cores, one after another, and nothing hides
+    "async_device": True,
     "matmul_efficiency": 0.73,
     "memory_efficiency": 0.65,
     "nvlink_efficiency": 0.80,
@@ -83,7 +86,7 @@ class Hardware:
     nvlink_gbps_per_gpu: float
     nic_gbps_per_gpu: float
     compute_slots_per_node: int | None
-    comm_overlaps_compute: bool
+    async_device: bool
     matmul_efficiency: float
     memory_efficiency: float
     nvlink_efficiency: float

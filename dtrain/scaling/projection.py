@@ -29,7 +29,9 @@ Pure arithmetic on a :class:`~dtrain.scaling.case.Case` (no torch). The step is 
    parameters in forward and again in backward, prefetched one layer ahead (only what a layer's compute
    cannot cover is exposed), and reduce-scatters gradients on the last micro-batch. Context parallelism
    exchanges K/V chunks in a ring that overlaps attention. On hardware whose communication shares the
-   compute cores (``comm_overlaps_compute: false``, a CPU), nothing hides.
+   compute cores (``async_device: false``, a CPU), nothing hides: there the kernels' dispatch overhead
+   adds to their run time instead of bounding it from below, and communication slows with the cores
+   it shares when there are more ranks than cores.
 4. **Pipeline.** 1F1B runs ``m + (p-1)/v`` micro-batch slots of the slowest stage (the last one also
    computes the logits and the loss): the bubble is ``(p-1)/v`` slots. Stage-to-stage sends (one
    activation forward, one gradient backward per micro-batch and virtual stage, each ``1/tp`` of it per
@@ -90,7 +92,10 @@ class Timer:
         efficiency = hw.flash_attention_efficiency if k.name.startswith("flash_attention") else hw.matmul_efficiency
         compute = k.flops / (hw.peak_flops(self.precision) * efficiency)
         memory = k.bytes / (hw.hbm_gbps * 1e9 * hw.memory_efficiency)
-        return max(compute, memory, k.launches * hw.kernel_overhead_us * 1e-6) * self.slowdown
+        overhead = k.launches * hw.kernel_overhead_us * 1e-6
+        if not hw.async_device:  # the host dispatches, then runs the kernel
+            return (max(compute, memory) + overhead) * self.slowdown
+        return max(compute, memory, overhead) * self.slowdown
 
     def kernels(self, ks: list[Kernel]) -> float:
         return sum(self.kernel(k) for k in ks)
@@ -111,9 +116,10 @@ class Timer:
         else:  # all-gather and reduce-scatter are rings: one step per rank
             latency = (per_node - 1) * hw.nvlink_latency_us + (nodes - 1) * hw.nic_latency_us
         latency *= 1e-6
+        shared = 1.0 if hw.async_device else self.slowdown  # gloo's threads share oversubscribed cores
         if share is None:  # point to point
-            return nbytes / bandwidth + (hw.nic_latency_us if nodes > 1 else hw.nvlink_latency_us) * 1e-6
-        return share * (size - 1) / size * nbytes / bandwidth + latency
+            return (nbytes / bandwidth + (hw.nic_latency_us if nodes > 1 else hw.nvlink_latency_us) * 1e-6) * shared
+        return (share * (size - 1) / size * nbytes / bandwidth + latency) * shared
 
 
 @dataclass
@@ -188,7 +194,7 @@ def layer_time(case: Case, timer: Timer) -> Layer:
         kv_chunk = 2 * par.micro_batch * model.seq_len / par.cp * model.kv_heads * model.head_dim / par.tp * e
         ring = (par.cp - 1) * timer.collective("send", kv_chunk, par.cp, par.tp)
         exposed = max(0.0, ring - core_time) + max(0.0, 2 * ring - FLASH_BACKWARD_FLOPS * core_time)
-        cp_comm = exposed if case.hardware.comm_overlaps_compute else 3 * ring
+        cp_comm = exposed if case.hardware.async_device else 3 * ring
     return Layer(fwd, bwd, recompute, passes * per_ar, cp_comm, core_time)
 
 
@@ -275,7 +281,8 @@ def memory(case: Case, microbatches: int) -> Memory:
     first, last = stage_params(model, par)
     params = max(first, last)
     dp = par.dp * par.cp  # context-parallel ranks hold the same weights
-    weights, grads, optimizer = e * params, e * params, (12 if e == 2 else 8) * params
+    grad_element = 4 if par.grad_dtype == "fp32" else (2 if par.grad_dtype else e)
+    weights, grads, optimizer = e * params, grad_element * params, (12 if e == 2 else 8) * params
     if par.zero >= 1:
         optimizer /= dp
     if par.zero >= 2:
@@ -329,7 +336,7 @@ def project(case: Case) -> Projection:
     e = _bytes_per_element(case.precision)
     ranks_per_node = min(par.gpus, hw.gpus_per_node)
     timer = Timer(hw, case.precision, ranks_per_node)
-    overlap = hw.comm_overlaps_compute
+    overlap = hw.async_device
     m, p, v, dp = par.microbatches, par.pp, par.vpp, par.dp
     layer = layer_time(case, timer)
     layers_per_stage = model.layers // p
@@ -347,10 +354,14 @@ def project(case: Case) -> Projection:
     first, last = stage_params(model, par)
     local_params = max(first, last)
     dp_size, dp_stride = dp * par.cp, par.tp
-    grad_bytes = local_params * e
+    grad_element = 4 if par.grad_dtype == "fp32" else (2 if par.grad_dtype else e)
+    grad_bytes = local_params * grad_element
     backward_mb = layers_per_stage * (layer.backward + layer.recompute)
     forward_mb = layers_per_stage * layer.forward
-    last_bucket = 1.0 / max(1, layers_per_stage)  # the first layer's gradients are ready last
+    # what is reduced after backward ends: the first layer's gradients, and on the first stage the
+    # embedding's (registered first, so in DDP's last buckets; 30% of GPT-2 small)
+    embedding_share = model.vocab * model.hidden / par.tp / local_params
+    last_bucket = max(1.0 / max(1, layers_per_stage), embedding_share if first >= last or p == 1 else 0.0)
 
     def overlapped(seconds: float, window: float) -> float:
         if not (par.dp_overlap and overlap):
@@ -362,7 +373,7 @@ def project(case: Case) -> Projection:
     if par.zero == 3:
         layer_bytes = model.params_per_layer / par.tp * e
         gather = timer.collective("all_gather", layer_bytes, dp_size, dp_stride)
-        scatter = timer.collective("reduce_scatter", layer_bytes, dp_size, dp_stride)
+        scatter = timer.collective("reduce_scatter", layer_bytes / e * grad_element, dp_size, dp_stride)
         if overlap:  # each layer's gather hides behind the previous layer's compute
             per_layer_fwd = max(0.0, gather - layer.forward)
             per_layer_bwd = max(0.0, gather - layer.backward - layer.recompute)

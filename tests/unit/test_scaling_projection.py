@@ -225,3 +225,25 @@ def test_cli_contract(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(validation.read_text())
     assert report["meets_goal"] and all("error" in r for t in report["tables"].values() for r in t["rows"])
+
+
+def test_projections_check_the_quoted_targets(tmp_path):
+    (tmp_path / "ddp.yaml").write_text(json.dumps(case(**{"parallel.gpus": 1, "parallel.global_batch": 8})))
+    (tmp_path / "tp8.yaml").write_text(json.dumps(case(**{"parallel.tp": 8, "parallel.global_batch": 8})))
+    spec = tmp_path / "projections.yaml"
+    spec.write_text(json.dumps({"gpus": [8, 128], "hardware": ["h100_sxm", "h200_sxm"],
+                                "cases": {"ddp": "ddp.yaml", "tp8": "tp8.yaml"},
+                                "targets": {"efficiency": {"8": 0.99, "128": 0.97}, "comm_fraction": 0.10}}))
+    done = _dtrain("projections", str(spec), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "projections.json").read_text())
+    assert len(report["projections"]) == 4 and len(report["table"]) == 8
+    for row in report["table"]:
+        assert row["scaling_efficiency"] == pytest.approx(1 - row["comm"] - row["bubble"], abs=1e-3)
+        assert row["efficiency_holds"] == (row["scaling_efficiency"] >= {8: 0.99, 128: 0.97}[row["gpus"]])
+        assert row["comm_holds"] == (row["comm"] < 0.10)
+    tp_row = next(r for r in report["table"] if r["case"] == "tp8")
+    assert tp_row["largest_loss"].startswith("tp communication")
+    table = (tmp_path / "out" / "targets.md").read_text()
+    assert table.count("\n") == 2 + 8 and "holds" in table
+    assert (tmp_path / "out" / "efficiency_projected.png").stat().st_size > 0
