@@ -31,9 +31,10 @@ collective (benchmarks/exposed_comm_overhead.py: the step-time ratio on vs off, 
 collective times the collectives of a step).
 
 On GPUs the host returns from an NCCL call or wait at once while the device stream waits, so host
-time is not what the device lost; the meter is therefore off on CUDA, and ``dtrain scale measure``
-derives exposed communication there from a reference run of the same per-rank work on torch's
-``fake`` process group (``reference: fake``). See docs/scaling.md.
+time is not what the device lost: the meter is off on CUDA (it logs so once). The GPU design, not
+built yet (no GPU to test it on), is in docs/scaling.md: the same interception points with CUDA event
+pairs on the compute stream around each wait, and a reference step of the same per-rank work on
+torch's ``fake`` process group.
 
 Fault injection: ``DTRAIN_INJECT_COMM_DELAY_MS=X`` blocks the issuing thread X ms in every collective
 of the training step (before a c10d collective starts; at the wait of a DTensor collective), like a
@@ -54,6 +55,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dtrain.metrics.comm import COLLECTIVES, nbytes
 from dtrain.torch_private import below_autograd, functional_collectives, in_backward, queue_backward_callback, raw_op
 
 log = logging.getLogger(__name__)
@@ -62,14 +64,9 @@ INJECT_ENV = "DTRAIN_INJECT_COMM_DELAY_MS"
 DIMS = ("dp", "tp", "pp", "cp", "other")
 _MESH_DIMS = {"mesh_dp_replicate": "dp", "mesh_dp_shard": "dp", "mesh_tp": "tp", "mesh_pp": "pp", "mesh_cp": "cp",
               "default_pg": "world"}
-# c10d ops and the argument that carries the payload (its bytes are counted)
-_C10D_OPS: dict[str, int] = {
-    "allreduce_": 0, "allreduce_coalesced_": 0, "_allgather_base_": 0, "allgather_": 0,
-    "allgather_into_tensor_coalesced_": 0, "allgather_coalesced_": 0, "_reduce_scatter_base_": 1,
-    "reduce_scatter_": 1, "reduce_scatter_tensor_coalesced_": 1, "broadcast_": 0, "send": 0, "recv_": 0,
-    "recv_any_source_": 0, "alltoall_base_": 1, "alltoall_": 1, "reduce_": 0, "gather_": 1, "scatter_": 1,
-    "barrier": -1, "monitored_barrier_": -1,
-}
+# c10d ops (without the namespace) -> the argument whose bytes are counted (-1: none)
+_C10D_OPS: dict[str, int] = {name.split(".", 1)[1]: index for name, (_, index) in COLLECTIVES.items()
+                             if name.startswith("c10d.")} | {"barrier": -1, "monitored_barrier_": -1}
 
 
 def injected_delay_s() -> float:
@@ -84,14 +81,6 @@ def injected_delay_s() -> float:
     if delay < 0:
         raise ValueError(f"{INJECT_ENV}={value!r} must not be negative")
     return delay / 1000.0
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
 
 
 def world_dimension(degrees: dict[str, int] | None) -> str:
@@ -182,7 +171,7 @@ def _c10d_kernel(name: str, packet, payload: int):
         state.add(dim, time.perf_counter() - start)
         with state.lock:
             state.step.calls += 1
-            state.step.bytes += _nbytes(args[payload]) if 0 <= payload < len(args) else 0
+            state.step.bytes += nbytes(args[payload]) if 0 <= payload < len(args) else 0
         work = out[1] if isinstance(out, tuple) and len(out) == 2 else out
         if isinstance(work, torch.ScriptObject):
             _register_work(dist.Work.unbox(work), dim, point_to_point)
@@ -232,7 +221,7 @@ def _timed_wait_tensor(tensor):
     state.add("tp", time.perf_counter() - start)
     with state.lock:
         state.step.calls += 1
-        state.step.bytes += _nbytes(result)
+        state.step.bytes += nbytes(result)
     return result
 
 
@@ -288,8 +277,8 @@ class CommMeter:
         delay = injected_delay_s()
         if device.type != "cpu":
             if measure:
-                log.info("exposed communication is not measured in-run on %s (host time is not device time); "
-                         "use a study with `reference: fake`", device.type)
+                log.info("exposed communication is not measured on %s: host time is not device time "
+                         "(docs/scaling.md)", device.type)
             return None
         if not (measure or delay):
             return None

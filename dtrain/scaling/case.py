@@ -225,14 +225,18 @@ def problems_of(case: Case) -> list[str]:
     return problems
 
 
-def load(path: str | Path) -> Case:
-    """Read a CASE file (YAML or JSON); one-line errors for a missing or unreadable file."""
+def read_document(path: str | Path, what: str) -> Any:
+    """A YAML or JSON file's content; a missing or unreadable file is one ConfigError line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"CASE file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read CASE file {path}: {str(e).splitlines()[0]}") from None
-    return parse(data)
+        raise ConfigError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
+
+
+def load(path: str | Path) -> Case:
+    """Read a CASE file (YAML or JSON)."""
+    return parse(read_document(path, "CASE file"))

@@ -44,8 +44,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from dtrain.config.errors import ConfigError
 
 LAUNCHERS = ("torchrun", "slurm", "kubernetes")
@@ -133,13 +131,9 @@ def _list(value: Any, what: str, problems: list[str]) -> list[str]:
 
 
 def load_study(path: str | Path) -> Study:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot read study file {path}: {str(e).splitlines()[0]}") from None
+    from dtrain.scaling.case import read_document
+
+    data = read_document(path, "study file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"study file {path} must be a mapping (see `dtrain scale measure --help`)")
     problems = [f"{k} is not a study field; known: {', '.join(sorted(STUDY_KEYS))}"

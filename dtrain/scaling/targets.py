@@ -22,17 +22,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from dtrain.config.errors import ConfigError
 
 DIMS = ("dp", "tp", "pp", "cp")
 
 
 def load_spec(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"projections file {path} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
+    from dtrain.scaling.case import read_document
+
+    spec = read_document(path, "projections file") or {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"projections file {path} must be a mapping with gpus, hardware, cases and targets")
     problems = []
     for key in ("gpus", "hardware", "cases", "targets"):
         if key not in spec:

@@ -247,3 +247,40 @@ def test_projections_check_the_quoted_targets(tmp_path):
     table = (tmp_path / "out" / "targets.md").read_text()
     assert table.count("\n") == 2 + 8 and "holds" in table
     assert (tmp_path / "out" / "efficiency_projected.png").stat().st_size > 0
+
+
+def test_calibration_fits_the_per_kernel_overhead_to_one_rank_steps(tmp_path):
+    """On a CPU preset the projection is linear in the per-kernel overhead: one-rank steps measured at a
+    known overhead give it back, and the written preset loads as a preset."""
+    from dataclasses import replace
+
+    from dtrain.scaling.calibrate import fit_kernel_overhead, write_preset
+    from dtrain.scaling.hardware import from_block
+    from dtrain.scaling.study import case_from_overrides
+
+    preset = {"peak_tflops": 0.02, "peak_tflops_fp32": 0.02, "hbm_gib": 16, "hbm_gbps": 5.0, "gpus_per_node": 64,
+              "nvlink_gbps_per_gpu": 1.0, "nic_gbps_per_gpu": 1.0, "compute_slots_per_node": 2,
+              "async_device": False, "matmul_efficiency": 1.0, "memory_efficiency": 1.0, "nvlink_efficiency": 1.0,
+              "nic_efficiency": 1.0, "nvlink_latency_us": 100.0, "nic_latency_us": 100.0, "kernel_overhead_us": 0.0,
+              "flash_attention_efficiency": 1.0, "attention": "flash"}
+    points = []
+    for name, overrides in (("tiny", ["model=gpt_tiny"]), ("small", ["model=gpt_small", "model.n_head=8"])):
+        overrides = [*overrides, "data=synthetic", "data.seq_len=64", "trainer.global_batch_size=8"]
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "overrides.txt").write_text("\n".join(overrides + ["run.dir=x"]) + "\n")
+        case = case_from_overrides(overrides, 1, preset)
+        truth = project(replace(case, hardware=from_block({**preset, "kernel_overhead_us": 37.0}))).step_time_s
+        points.append({"model": name, "strategy": "ddp", "world_size": 1, "step_time_s": truth,
+                       "run_dir": str(run_dir)})
+    overhead, rows = fit_kernel_overhead(preset, {"points": points})
+    assert overhead == pytest.approx(37.0, rel=1e-6)
+    assert all(abs(r["error"]) < 1e-6 for r in rows)
+    path = tmp_path / "cpu_test.yaml"
+    write_preset(path, {**preset, "kernel_overhead_us": overhead},
+                 {"gemm_flops": 2e10, "copy_bytes_per_s": 5e9, "gloo_alpha_s": 1e-4, "gloo_beta_bytes_per_s": 1e9,
+                  "cpus": 2}, "dtrain scale calibrate")
+    import yaml
+
+    loaded = from_block(yaml.safe_load(path.read_text()), "cpu_test")
+    assert loaded.kernel_overhead_us == pytest.approx(37.0) and not loaded.async_device
