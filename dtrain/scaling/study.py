@@ -22,6 +22,8 @@ Study file (YAML)::
     strategies: {ddp: [strategy=ddp], fsdp: [strategy=fsdp], tp: [strategy=tp],
                  pp: [strategy=pp, model.tie_embeddings=false]}
     exclude: [gpt_small/tp/4]  # model/strategy/world_size points to skip
+    repeats: 1                 # rounds over all points (alternating order); each point keeps its
+                               # least disturbed round (lowest median step): for a shared machine
     hardware: cpu_local        # optional: project every point on this preset too
 
 Every point's config is validated (for its world size, in this process) before anything runs; all
@@ -49,7 +51,7 @@ from dtrain.config.errors import ConfigError
 LAUNCHERS = ("torchrun", "slurm", "kubernetes")
 SERIES = ("strong", "weak")
 STUDY_KEYS = {"name", "launcher", "launcher_options", "world_sizes", "series", "steps", "warmup_steps", "timeout_s",
-              "common", "models", "strategies", "exclude", "hardware"}
+              "repeats", "common", "models", "strategies", "exclude", "hardware"}
 # every run of a study: no evaluation, sampling or checkpoints; one log line per step; one thread per rank
 RUN_OVERRIDES = ["trainer.eval_every=0", "trainer.sample_tokens=0", "trainer.log_every=1", "logging.progress=off",
                  "checkpoint.interval_steps=0", "checkpoint.save_final=false", "checkpoint.lease_ttl_s=0",
@@ -69,6 +71,7 @@ class Study:
     steps: int
     warmup_steps: int
     timeout_s: float
+    repeats: int
     common: list[str]
     models: dict[str, list[str]]
     strategies: dict[str, list[str]]
@@ -92,6 +95,9 @@ class Point:
     @property
     def run_name(self) -> str:
         return self.key.replace("/", "-")
+
+    def run_dir(self, out: Path, round_: int) -> Path:
+        return out / "runs" / (self.run_name if round_ == 0 else f"{self.run_name}-r{round_}")
 
 
 @dataclass
@@ -117,6 +123,7 @@ class Summary:
     oversubscribed: bool = False
     steps_measured: int = 0
     run_dir: str = ""
+    rounds_step_time_s: list[float | None] = field(default_factory=list)  # with repeats: every round's median
     error: str | None = None
     projection: dict[str, Any] | None = None
 
@@ -150,7 +157,7 @@ def load_study(path: str | Path) -> Study:
         problems.append(f"series={series!r} must list one or both of: {', '.join(SERIES)}")
         series = []
     numbers = {}
-    for key, default, low in (("steps", 10, 1), ("warmup_steps", 3, 0), ("timeout_s", 900, 1)):
+    for key, default, low in (("steps", 10, 1), ("warmup_steps", 3, 0), ("timeout_s", 900, 1), ("repeats", 1, 1)):
         value = data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
             problems.append(f"{key}={value!r} must be a number >= {low}")
@@ -170,10 +177,11 @@ def load_study(path: str | Path) -> Study:
             problems.append(f"hardware={hardware!r} is not a preset; choose one of: {', '.join(preset_names())}")
     if problems:
         raise ConfigError(problems)
-    return Study(name=str(data.get("name", path.stem)), launcher=launcher,
+    return Study(name=str(data.get("name", Path(path).stem)), launcher=launcher,
                  launcher_options=dict(data.get("launcher_options") or {}), world_sizes=sorted(set(worlds)),
                  series=series, steps=int(numbers["steps"]), warmup_steps=int(numbers["warmup_steps"]),
-                 timeout_s=float(numbers["timeout_s"]), common=_list(data.get("common"), "common", problems),
+                 timeout_s=float(numbers["timeout_s"]), repeats=int(numbers["repeats"]),
+                 common=_list(data.get("common"), "common", problems),
                  models=blocks["models"], strategies=blocks["strategies"],
                  exclude=[str(e) for e in data.get("exclude") or []], hardware=hardware)
 
@@ -218,13 +226,12 @@ def plan(study: Study) -> list[Point]:
     return points
 
 
-def _run_point(point: Point, study: Study, out: Path) -> str | None:
+def _run_point(point: Point, study: Study, run_dir: Path) -> str | None:
     """Run one point through torchrun; None or the error's last lines."""
-    run_dir = out / "runs" / point.run_name
     if run_dir.exists():
         shutil.rmtree(run_dir)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={point.world_size}",
-               "-m", "dtrain", *point.overrides, f"run.dir={run_dir}", f"run.name={point.run_name}"]
+               "-m", "dtrain", *point.overrides, f"run.dir={run_dir}", f"run.name={run_dir.name}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=study.timeout_s,
@@ -292,13 +299,36 @@ def add_efficiency(summaries: list[Summary]) -> None:
             s.weak_efficiency = ratio
 
 
+def _anchored(case, measured: float):
+    """``case`` with its hardware's compute rate scaled so that its projection takes ``measured`` seconds
+    (log bisection; the step time falls monotonically as the rate rises)."""
+    from dataclasses import replace as with_fields
+
+    from dtrain.scaling.projection import project
+
+    hw = case.hardware
+
+    def at(scale: float):
+        return with_fields(case, hardware=with_fields(hw, peak_tflops=hw.peak_tflops * scale,
+                                                      peak_tflops_fp32=hw.peak_tflops_fp32 * scale))
+
+    low, high = 0.05, 20.0
+    for _ in range(40):
+        middle = (low * high) ** 0.5
+        if project(at(middle)).step_time_s > measured:
+            low = middle
+        else:
+            high = middle
+    return (low * high) ** 0.5
+
+
 def add_projection(summaries: list[Summary], points: list[Point], hardware: str) -> None:
     """The projection of each measured point on ``hardware`` (same model, layout and batch).
 
     On a CPU preset (``async_device: false``) the closed loop anchors each model and strategy at its
-    own 1-rank point: the per-kernel overhead is solved so that the projection of that point equals its
-    measured step (each strategy's code path costs differently per kernel: FSDP's hooks, DTensor, the
-    pipeline runtime); the 2- and 4-rank points are then projected with it and compared."""
+    own 1-rank point: the compute rate is scaled so that the projection of that point equals its
+    measured step (each strategy's code path costs differently: FSDP's hooks, the pipeline runtime);
+    the 2- and 4-rank points are then projected with that rate and compared with their measurements."""
     from dataclasses import replace as with_fields
 
     from dtrain.scaling.case import problems_of
@@ -321,18 +351,17 @@ def add_projection(summaries: list[Summary], points: list[Point], hardware: str)
             continue
         cases[id(s)] = case
         if s.world_size == 1 and s.step_time_s and not preset.async_device:
-            at = [project(with_fields(case, hardware=with_fields(preset, kernel_overhead_us=us))).step_time_s
-                  for us in (0.0, 1.0)]
-            anchors[(s.model, s.strategy)] = max(0.0, (s.step_time_s - at[0]) / (at[1] - at[0]))
+            anchors[(s.model, s.strategy)] = _anchored(case, s.step_time_s)
     for s in summaries:
         case = cases.get(id(s))
         if case is None:
             continue
-        overhead = anchors.get((s.model, s.strategy))
-        if overhead is not None:
-            case = with_fields(case, hardware=with_fields(preset, kernel_overhead_us=overhead))
+        scale = anchors.get((s.model, s.strategy), 1.0)
+        hw = case.hardware
+        case = with_fields(case, hardware=with_fields(hw, peak_tflops=hw.peak_tflops * scale,
+                                                      peak_tflops_fp32=hw.peak_tflops_fp32 * scale))
         result = project(case)
-        s.projection = {"hardware": hardware, "kernel_overhead_us": round(case.hardware.kernel_overhead_us, 2),
+        s.projection = {"hardware": hardware, "compute_gflops": round(case.hardware.peak_tflops * 1e3, 2),
                         "step_time_s": result.step_time_s, "exposed_comm_fraction": result.exposed_comm_fraction,
                         "bubble_fraction": result.bubble_fraction,
                         "error_vs_measured": (result.step_time_s - s.step_time_s) / s.step_time_s
@@ -356,9 +385,11 @@ def case_from_overrides(overrides: list[str], world_size: int, hardware: str | d
     if dims is None:
         raise ConfigError(f"strategy={s.name} has no mesh layout to project")
     zero = 3 if dims.dp_shard > 1 else 0
+    # an uneven pipeline split runs at the pace of its largest stage: project equal stages of that size
+    layers = -(-m.n_layer // dims.pp) * dims.pp if dims.pp > 1 else m.n_layer
     recompute = {"none": "none", "full": "full", "selective": "selective"}[s.activation_checkpointing]
     return parse({
-        "model": {"layers": m.n_layer, "hidden": m.d_model, "heads": m.n_head, "kv_heads": m.n_head,
+        "model": {"layers": layers, "hidden": m.d_model, "heads": m.n_head, "kv_heads": m.n_head,
                   "ffn_hidden": m.get("mlp_ratio", 4) * m.d_model, "gated_mlp": False, "vocab": m.vocab_size,
                   "seq_len": cfg.data.seq_len, "attention": "flash"},
         "parallel": {"gpus": world_size, "tp": dims.tp, "pp": dims.pp, "vpp": 1, "cp": 1,
@@ -392,35 +423,47 @@ def main(argv: Sequence[str]) -> int:
                           f"points of `dtrain scale measure {args.study} --out {args.out} --plan` with `dtrain "
                           f"launch` (one run per point, run.dir=<out>/runs/<point>), then add --collect")
     cpus = os.cpu_count() or 1
-    summaries, failed = [], 0
     started = time.monotonic()
-    for index, point in enumerate(points, 1):
-        run_dir = out / "runs" / point.run_name
-        error = None
-        if not args.collect:
-            print(f"[{index}/{len(points)}] {point.key} ...", end=" ", flush=True)
-            t0 = time.monotonic()
-            error = _run_point(point, study, out)
-        summary = summarize(point, study, run_dir, cpus)
-        summary.error = error or summary.error
-        failed += summary.error is not None
-        summaries.append(summary)
-        if not args.collect:
-            result = summary.error or f"step {summary.step_time_s:.3f}s, {summary.tokens_per_s:.0f} tok/s, exposed " \
-                                      f"comm {summary.exposed_comm_fraction or 0:.1%}"
-            print(f"{result} ({time.monotonic() - t0:.0f}s)", flush=True)
+    rounds: dict[str, list[Summary]] = {p.key: [] for p in points}
+    for round_ in range(study.repeats):
+        order = points if round_ % 2 == 0 else points[::-1]  # alternate, against slow drifts of the load
+        for index, point in enumerate(order, 1):
+            run_dir = point.run_dir(out, round_)
+            error = None
+            if not args.collect:
+                label = f"round {round_ + 1}/{study.repeats} " if study.repeats > 1 else ""
+                print(f"[{label}{index}/{len(points)}] {point.key} ...", end=" ", flush=True)
+                t0 = time.monotonic()
+                error = _run_point(point, study, run_dir)
+            summary = summarize(point, study, run_dir, cpus)
+            summary.error = error or summary.error
+            rounds[point.key].append(summary)
+            if not args.collect:
+                result = summary.error or f"step {summary.step_time_s:.3f}s, {summary.tokens_per_s:.0f} tok/s, " \
+                                          f"exposed comm {summary.exposed_comm_fraction or 0:.1%}"
+                print(f"{result} ({time.monotonic() - t0:.0f}s)", flush=True)
+    summaries = []
+    for point in points:
+        done = [s for s in rounds[point.key] if s.step_time_s is not None]
+        best = min(done, key=lambda s: s.step_time_s) if done else rounds[point.key][0]
+        best.rounds_step_time_s = [s.step_time_s for s in rounds[point.key]]
+        summaries.append(best)
+    failed = sum(s.error is not None for s in summaries)
     add_efficiency(summaries)
     if study.hardware:
         add_projection(summaries, points, study.hardware)
     import torch
 
     results = {"study": study.name, "launcher": study.launcher, "series": study.series, "steps": study.steps,
-               "warmup_steps": study.warmup_steps, "hardware": study.hardware,
+               "warmup_steps": study.warmup_steps, "repeats": study.repeats, "hardware": study.hardware,
                "machine": {"cpus": cpus, "platform": platform.platform(), "python": platform.python_version(),
                            "torch": torch.__version__, "omp_threads_per_rank": 1},
                "seconds": round(time.monotonic() - started, 1), "points": [asdict(s) for s in summaries]}
     write_json(out / "results.json", results)
-    print(f"wrote {out / 'results.json'} ({len(summaries)} points, {failed} failed)")
+    from dtrain.scaling.report import measured_markdown
+
+    (out / "results.md").write_text(measured_markdown(results))
+    print(f"wrote {out / 'results.json'} and results.md ({len(summaries)} points, {failed} failed)")
     try:
         from dtrain.scaling.plots import measured_plots
 
