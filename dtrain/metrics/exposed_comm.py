@@ -113,7 +113,8 @@ def _dim_of_boxed(args: tuple) -> str:
 
 @dataclass
 class StepComm:
-    """One step's blocked seconds by dimension (``bubble``: pipeline receive waits), calls and payload bytes."""
+    """One step's blocked seconds by dimension (``bubble``: pipeline send and receive waits), calls and
+    payload bytes."""
 
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls: int = 0
@@ -269,7 +270,9 @@ class CommMeter:
         self.intercept = intercept  # one process without a group has nothing to intercept: zeros
         if intercept:
             install(delay_s)
-            _STATE.world_dim = world_dim
+            if _STATE.world_dim != world_dim:
+                _STATE.world_dim = world_dim
+                _STATE.dims.clear()  # cached group -> dimension answers depend on it
 
     @classmethod
     def for_run(cls, measure: bool, device: torch.device, world_dim: str = "dp") -> "CommMeter | None":

@@ -231,21 +231,27 @@ def test_projections_check_the_quoted_targets(tmp_path):
     (tmp_path / "ddp.yaml").write_text(json.dumps(case(**{"parallel.gpus": 1, "parallel.global_batch": 8})))
     (tmp_path / "tp8.yaml").write_text(json.dumps(case(**{"parallel.tp": 8, "parallel.global_batch": 8})))
     spec = tmp_path / "projections.yaml"
-    spec.write_text(json.dumps({"gpus": [8, 128], "hardware": ["h100_sxm", "h200_sxm"],
+    spec.write_text(json.dumps({"gpus": [1, 8, 128], "hardware": ["h100_sxm", "h200_sxm"],
                                 "cases": {"ddp": "ddp.yaml", "tp8": "tp8.yaml"},
                                 "targets": {"efficiency": {"8": 0.99, "128": 0.97}, "comm_fraction": 0.10}}))
     done = _dtrain("projections", str(spec), "--out", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "out" / "projections.json").read_text())
-    assert len(report["projections"]) == 4 and len(report["table"]) == 8
-    for row in report["table"]:
-        assert row["scaling_efficiency"] == pytest.approx(1 - row["comm"] - row["bubble"], abs=1e-3)
-        assert row["efficiency_holds"] == (row["scaling_efficiency"] >= {8: 0.99, 128: 0.97}[row["gpus"]])
+    assert len(report["projections"]) == 4 and len(report["table"]) == 12
+    rows = [r for r in report["table"] if "error" not in r]
+    assert len(rows) == 10  # tp=8 does not run on 1 GPU: its baseline is the first node
+    for row in rows:
+        assert row["compute_share"] == pytest.approx(1 - row["comm"] - row["bubble"], abs=1e-3)
         assert row["comm_holds"] == (row["comm"] < 0.10)
-    tp_row = next(r for r in report["table"] if r["case"] == "tp8")
+        if row["gpus"] == row["baseline_gpus"]:
+            assert row["efficiency"] == 1.0 and row["efficiency_target"] is None
+        else:
+            assert row["efficiency_holds"] == (row["efficiency"] >= {8: 0.99, 128: 0.97}[row["gpus"]])
+    assert {r["baseline_gpus"] for r in rows if r["case"] == "tp8"} == {8}
+    tp_row = next(r for r in rows if r["case"] == "tp8")
     assert tp_row["largest_loss"].startswith("tp communication")
     table = (tmp_path / "out" / "targets.md").read_text()
-    assert table.count("\n") == 2 + 8 and "holds" in table
+    assert table.count("\n") == 2 + 12 and "holds" in table and "n/a: parallel.gpus=1" in table
     assert (tmp_path / "out" / "efficiency_projected.png").stat().st_size > 0
 
 
