@@ -25,7 +25,7 @@ USAGE = f"""usage: dtrain [hydra overrides...]            train (e.g. dtrain mod
        dtrain ckpt ls|verify|inspect|export|latest   look at checkpoints (dtrain ckpt --help)
        dtrain launch torchrun|slurm|k8s [--nodes N] [--nproc-per-node P] [--out PATH] [--submit] [overrides...]
        dtrain goodput RUN_DIR [--json]        where a run's wall time went, across restarts
-       dtrain scale spot ...                  spot vs on-demand goodput and cost (dtrain scale spot --help)
+       dtrain scale project|validate|measure|calibrate|projections|plot|spot   scaling studies (dtrain scale --help)
        torchrun --nproc-per-node=N -m dtrain [overrides...]
 
 exit codes: {exit_codes.OK} done | {exit_codes.CONFIG_ERROR} bad config or storage (nothing was started) |
@@ -144,10 +144,10 @@ def run(argv: Sequence[str]) -> int:
         from dtrain.metrics.goodput_cli import main as goodput_main
 
         return goodput_main(argv[1:])
-    if list(argv[:2]) == ["scale", "spot"]:
-        from dtrain.scaling.spot import main as spot_main
+    if argv and argv[0] == "scale":
+        from dtrain.scaling.cli import main as scale_main
 
-        return spot_main(argv[2:])
+        return scale_main(argv[1:])
     if argv and argv[0] == "plan":
         from dtrain.dryrun import cmd_plan
 

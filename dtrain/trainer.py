@@ -21,6 +21,7 @@ from dtrain.config.errors import ConfigError
 from dtrain.data.loader import ResumableLoader, build_dataset, eval_batches
 from dtrain.distributed.env import DistEnv
 from dtrain.metrics.goodput import NullLedger, open_ledger
+from dtrain.metrics.exposed_comm import CommMeter, world_dimension
 from dtrain.metrics.loggers import MetricLogger, build_loggers
 from dtrain.metrics.monitor import RunMonitor
 from dtrain.metrics.throughput import peak_memory_bytes, step_throughput
@@ -29,6 +30,7 @@ from dtrain.models.generate import generate
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.parallel.memory import ADAM_STATES, check_memory_fit, local_numel_and_bytes, optimizer_params
 from dtrain.strategies import Strategy, StepSpec, build_strategy
+from dtrain.strategies.layout import parallel_dims
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,12 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: ResumableLoader,
                  val_dataset: Dataset | None, logger: MetricLogger, flops_per_token: float | None,
                  checkpoints: CheckpointManager, preemption: PreemptionWatcher | None = None,
-                 monitor: RunMonitor | None = None, goodput: NullLedger | None = None):
+                 monitor: RunMonitor | None = None, goodput: NullLedger | None = None,
+                 comm: CommMeter | None = None):
         self.cfg, self.env, self.device, self.strategy = cfg, env, device, strategy
         self.scheduler, self.train_loader, self.val_dataset = scheduler, train_loader, val_dataset
         self.logger, self.flops_per_token = logger, flops_per_token
-        self.checkpoints, self.preemption = checkpoints, preemption
+        self.checkpoints, self.preemption, self.comm = checkpoints, preemption, comm
         self.monitor = monitor if monitor is not None else RunMonitor.off(env, device)
         self.step = 0
         self.tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
@@ -83,7 +86,8 @@ class Trainer:
         goodput = open_ledger(cfg.run.dir, env.is_rank_zero, env.world_size)
         checkpoints.on_commit = goodput.commit
         trainer = cls(cfg, env, device, strategy, scheduler, loader, val_set, build_loggers(cfg, env.is_rank_zero),
-                      flops, checkpoints, preemption, monitor, goodput)
+                      flops, checkpoints, preemption, monitor, goodput,
+                      CommMeter.for_run(t.measure_comm, device, _world_dimension(cfg, env.world_size)))
         restore_start = time.perf_counter()
         try:
             trainer.resume()
@@ -151,6 +155,8 @@ class Trainer:
 
     def run_step(self) -> dict[str, Any]:
         """One optimizer step with its measurements. Step time includes waiting for data."""
+        if self.comm is not None:
+            self.comm.begin_step()
         start = time.perf_counter()
         self.monitor.enter("data", self.step + 1)
         batch = next(self.train_loader)
@@ -170,6 +176,8 @@ class Trainer:
                                    "peak_mem_gib": peak_memory_bytes(self.device) / 2**30}
         metrics.update(step_throughput(self.tokens_per_step, step_time, self.flops_per_token,
                                        self.env.world_size, self.cfg.hardware.peak_flops_per_device))
+        if self.comm is not None:
+            metrics.update(self.comm.end_step(step_time))
         return metrics
 
     def evaluate(self) -> float:
@@ -227,6 +235,8 @@ class Trainer:
             self.monitor.close()
             self.logger.close()
             self.checkpoints.close()
+            if self.comm is not None:
+                self.comm.close()
             if self.preemption is not None:
                 self.preemption.close()
         self.sample_text()
@@ -247,3 +257,9 @@ class Trainer:
         if self.env.is_rank_zero:
             print(f"\n--- sample after {self.step} steps ---\n{text}\n--- end of sample ---", flush=True)
         return text
+
+
+def _world_dimension(cfg: DictConfig, world_size: int) -> str:
+    """Which mesh dimension the default process group's collectives belong to (exposed-comm attribution)."""
+    dims = parallel_dims(cfg.strategy.name, cfg.strategy, world_size)
+    return world_dimension(dims.degrees if dims is not None else None)

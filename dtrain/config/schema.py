@@ -40,6 +40,9 @@ class TrainerConfig:
     sample_tokens: int = 200  # tokens generated from the trained model at the end; 0 disables
     sample_prompt: str = "def "
     sample_temperature: float = 0.8
+    # time every step spends waiting on communication, by mesh dimension (exposed_comm_* in metrics.jsonl;
+    # CPU/gloo runs; see dtrain/metrics/exposed_comm.py)
+    measure_comm: bool = True
 
 
 @dataclass
@@ -148,6 +151,27 @@ class HardwareConfig:
     name: str = "cpu"
     # dense bf16 (or fp32 on CPU) peak of one device; None: report FLOP/s but no MFU
     peak_flops_per_device: Optional[float] = None
+    # What the projection (`dtrain scale project`) needs; a training run ignores these. Units and the
+    # model's constants: dtrain/scaling/hardware.py. None: not stated (the projection's default applies).
+    peak_tflops: Optional[float] = None  # dense FP16/BF16 tensor-core peak per device
+    peak_tflops_fp32: Optional[float] = None
+    peak_tflops_fp8: Optional[float] = None
+    hbm_gib: Optional[float] = None
+    hbm_gbps: Optional[float] = None
+    gpus_per_node: Optional[int] = None
+    nvlink_gbps_per_gpu: Optional[float] = None  # per direction
+    nic_gbps_per_gpu: Optional[float] = None
+    compute_slots_per_node: Optional[int] = None
+    async_device: Optional[bool] = None
+    matmul_efficiency: Optional[float] = None
+    memory_efficiency: Optional[float] = None
+    nvlink_efficiency: Optional[float] = None
+    nic_efficiency: Optional[float] = None
+    nvlink_latency_us: Optional[float] = None
+    nic_latency_us: Optional[float] = None
+    kernel_overhead_us: Optional[float] = None
+    attention: Optional[str] = None  # flash | unfused
+    flash_attention_efficiency: Optional[float] = None
 
 
 @dataclass

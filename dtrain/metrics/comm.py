@@ -18,8 +18,9 @@ import torch
 
 from dtrain.torch_private import TorchDispatchMode, group_size_by_name, unbox_group
 
-# op name (without overload) -> (kind, which argument carries the payload)
-_COLLECTIVES: dict[str, tuple[str, int]] = {
+# op name (without overload) -> (kind, which argument carries the payload); also what the
+# exposed-communication meter (dtrain/metrics/exposed_comm.py) times
+COLLECTIVES: dict[str, tuple[str, int]] = {
     "c10d.allreduce_": ("all_reduce", 0),
     "c10d.allreduce_coalesced_": ("all_reduce", 0),
     "_c10d_functional.all_reduce": ("all_reduce", 0),
@@ -39,15 +40,22 @@ _COLLECTIVES: dict[str, tuple[str, int]] = {
     "c10d.send": ("send", 0),
     "c10d.recv_": ("recv", 0),
     "c10d.alltoall_base_": ("all_to_all", 1),
+    "c10d.alltoall_": ("all_to_all", 1),
+    "c10d.allgather_coalesced_": ("all_gather", 0),
+    "c10d.recv_any_source_": ("recv", 0),
+    "c10d.reduce_": ("reduce", 0),
+    "c10d.gather_": ("gather", 1),
+    "c10d.scatter_": ("scatter", 1),
     "_c10d_functional.all_to_all_single": ("all_to_all", 0),
 }
 
 
-def _nbytes(value: Any) -> int:
+def nbytes(value: Any) -> int:
+    """Bytes of a tensor or a (nested) list of tensors."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
+        return sum(nbytes(v) for v in value)
     return 0
 
 
@@ -86,15 +94,15 @@ class CommCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)  # "c10d.allreduce_"
-        if name in _COLLECTIVES:
-            kind, index = _COLLECTIVES[name]
+        if name in COLLECTIVES:
+            kind, index = COLLECTIVES[name]
             out = func(*args, **kwargs)
             payload = out if index == -1 else (args[index] if index < len(args) else None)
-            nbytes = _nbytes(payload)
+            size = nbytes(payload)
             self.calls[kind] += 1
-            self.bytes[kind] += nbytes
+            self.bytes[kind] += size
             share = _RING_SHARE.get(kind)
-            self.wire_bytes[kind] += nbytes * share(_group_size(args)) if share else nbytes
+            self.wire_bytes[kind] += size * share(_group_size(args)) if share else size
             return out
         return func(*args, **kwargs)
 

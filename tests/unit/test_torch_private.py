@@ -63,3 +63,22 @@ def test_default_store_and_flight_recorder_dump_are_reachable():
     finally:
         dist.destroy_process_group()
     assert torch_private.default_store() is None
+
+
+def test_exposed_comm_hooks_exist():
+    """What the exposed-communication meter relies on: a backend-only dispatch context, backward
+    detection and end-of-backward callbacks, and the functional collectives' module-level wait."""
+    x = torch.ones(2, requires_grad=True)
+    order = []
+
+    def hook(grad):
+        order.append(torch_private.in_backward())
+        torch_private.queue_backward_callback(lambda: order.append("after"))
+        return grad
+
+    x.register_hook(hook)
+    (x * 2).sum().backward()
+    assert order == [True, "after"] and not torch_private.in_backward()
+    with torch_private.below_autograd():
+        assert (torch.ones(2) + 1).sum() == 4
+    assert callable(torch_private.functional_collectives().wait_tensor)

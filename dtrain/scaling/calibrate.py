@@ -1,0 +1,244 @@
+"""``dtrain scale calibrate``: a hardware preset for the machine at hand (``cpu_local``), measured.
+
+The same projection that runs on GPU presets runs on this machine once its numbers are known:
+
+- compute: FP32 GEMM FLOP/s of one thread (one rank = one thread, as the studies run), the median
+  over GEMM shapes of the models measured here -> ``peak_tflops`` (``matmul_efficiency`` 1: measured,
+  not a datasheet peak);
+- memory: the bandwidth of a large copy by one thread -> ``hbm_gbps`` (``memory_efficiency`` 1);
+- links: all-reduces between 2 gloo processes over loopback, 4 KiB to 16 MiB, fitted to the ring
+  model ``t = 2 alpha + bytes / beta`` -> ``nvlink_gbps_per_gpu`` = beta, ``nvlink_latency_us`` = alpha
+  (all ranks share one host: one "node" of ``gpus_per_node`` = 64 ranks);
+- the cost every kernel adds on a CPU (eager dispatch, autograd, the optimizer's per-tensor work):
+  ``kernel_overhead_us``: a microbenchmark of a small op's forward and backward;
+- with ``--results DIR/results.json`` (a study), the compute rate and the per-kernel overhead are
+  instead fitted to the study's single-rank training steps (least squares on relative errors): the
+  microbenchmarks of a shared machine swing by 2x from minute to minute, and the 1-rank steps are what
+  the multi-rank points are compared with.
+- ``compute_slots_per_node`` = the CPU count: more ranks than cores share them.
+
+With ``async_device: false`` the projection adds dispatch overhead to each kernel and lets nothing
+hide (gloo's threads share the cores). The 2- and 4-rank points of the same study are then the test:
+``dtrain scale measure STUDY --out DIR --collect`` re-summarizes them with the projection beside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from dtrain.config.errors import ConfigError
+
+GEMM_SHAPES = [(512, 128, 384), (512, 128, 512), (512, 512, 128), (1024, 384, 1152), (1024, 384, 1536),
+               (1024, 1536, 384)]
+ALLREDUCE_BYTES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]
+
+
+def _best(fn, repeats: int = 5, number: int = 3) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - start) / number)
+    return statistics.median(samples)
+
+
+def measure_gemm_flops() -> float:
+    import torch
+
+    rates = []
+    for m, k, n in GEMM_SHAPES:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        rates.append(2 * m * k * n / _best(lambda: a @ b))
+    return statistics.median(rates)
+
+
+def measure_copy_bandwidth() -> float:
+    import torch
+
+    source, target = torch.randn(16 << 20), torch.empty(16 << 20)  # 64 MiB each
+    return 2 * source.numel() * 4 / _best(lambda: target.copy_(source))
+
+
+def measure_op_overhead() -> float:
+    """Seconds of eager forward + backward of a tiny op, per op (dispatch and autograd, no real work)."""
+    import torch
+
+    x = torch.ones(8, requires_grad=True)
+
+    def step():
+        y = x
+        for _ in range(50):
+            y = y * 1.0
+        y.sum().backward()
+
+    return _best(step) / 100  # 50 forward + 50 backward ops
+
+
+def _allreduce_worker(rank: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    times = {}
+    for nbytes in ALLREDUCE_BYTES:
+        tensor = torch.ones(nbytes // 4)
+        dist.barrier()
+        times[nbytes] = _best(lambda: dist.all_reduce(tensor), repeats=7, number=3)
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def measure_gloo_link() -> tuple[float, float, dict[int, float]]:
+    """(alpha seconds, beta bytes/s, raw times) of a 2-rank gloo all-reduce, t = 2 alpha + bytes / beta:
+    beta from the slope between the two largest messages, alpha from the smallest."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        mp.start_processes(_allreduce_worker, args=(port, out.name), nprocs=2, start_method="spawn")
+        times = {int(k): v for k, v in json.loads(Path(out.name).read_text()).items()}
+    sizes = sorted(times)
+    big, bigger = sizes[-2], sizes[-1]
+    beta = (bigger - big) / max(times[bigger] - times[big], 1e-9)
+    alpha = max(times[sizes[0]] - sizes[0] / beta, 1e-6) / 2
+    return alpha, beta, times
+
+
+def fit_kernel_overhead(preset: dict[str, Any], results: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
+    """The per-kernel overhead (microseconds) that makes the projection of every world-size-1 point match
+    its measured step time (least squares on relative errors; on a CPU the projection is linear in it)."""
+    from dtrain.scaling.projection import project
+    from dtrain.scaling.study import case_from_overrides
+
+    rows = []
+    for point in results["points"]:
+        if point["world_size"] != 1 or not point.get("step_time_s"):
+            continue
+        overrides = _overrides_of(point)
+        cases = [project(case_from_overrides(overrides, 1, {**preset, "kernel_overhead_us": overhead})).step_time_s
+                 for overhead in (0.0, 1.0)]
+        rows.append({"point": f"{point['model']}/{point['strategy']}", "measured_s": point["step_time_s"],
+                     "without_overhead_s": cases[0], "per_us": cases[1] - cases[0]})
+    if not rows:
+        raise ConfigError("the results hold no measured world-size-1 points to calibrate on")
+    # minimize sum((without + overhead x per_us - measured) / measured)^2
+    numerator = sum(r["per_us"] * (r["measured_s"] - r["without_overhead_s"]) / r["measured_s"] ** 2 for r in rows)
+    overhead = max(0.0, numerator / sum((r["per_us"] / r["measured_s"]) ** 2 for r in rows))
+    for r in rows:
+        r["projected_s"] = r["without_overhead_s"] + overhead * r["per_us"]
+        r["error"] = (r["projected_s"] - r["measured_s"]) / r["measured_s"]
+    return overhead, rows
+
+
+def fit_compute(preset: dict[str, Any], results: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The compute rate and per-kernel overhead that best explain the single-rank steps of a study:
+    a log grid over the rate (a quarter to four times the microbenchmark's), the overhead by least
+    squares at each rate, the pair with the smallest squared relative error. A GEMM microbenchmark
+    on a machine other jobs share swings by 2x from minute to minute; the study's own 1-rank steps
+    are what the 2- and 4-rank points are compared with."""
+    best = None
+    measured = preset["peak_tflops"]
+    for step in range(41):
+        rate = measured * 4 ** ((step - 20) / 20)
+        trial = {**preset, "peak_tflops": rate, "peak_tflops_fp32": rate}
+        overhead, rows = fit_kernel_overhead(trial, results)
+        error = sum(r["error"] ** 2 for r in rows)
+        if best is None or error < best[0]:
+            best = (error, {**trial, "kernel_overhead_us": overhead}, rows)
+    return best[1], best[2]
+
+
+def _overrides_of(point: dict[str, Any]) -> list[str]:
+    overrides_file = Path(point["run_dir"]) / "overrides.txt"
+    if overrides_file.is_file():
+        return [line for line in overrides_file.read_text().splitlines()
+                if line and not line.startswith(("run.dir=", "run.name="))]
+    raise ConfigError(f"{overrides_file} is missing: cannot tell how point {point['model']}/{point['strategy']} ran")
+
+
+def calibrate(results_path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
+    torch.set_num_threads(1)
+    gemm = measure_gemm_flops()
+    copy = measure_copy_bandwidth()
+    alpha, beta, allreduce_times = measure_gloo_link()
+    op = measure_op_overhead()
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    preset: dict[str, Any] = {
+        "peak_tflops": gemm / 1e12, "peak_tflops_fp32": gemm / 1e12, "hbm_gib": round(memory_gib, 1),
+        "hbm_gbps": copy / 1e9, "gpus_per_node": 64, "nvlink_gbps_per_gpu": beta / 1e9, "nic_gbps_per_gpu": beta / 1e9,
+        "compute_slots_per_node": os.cpu_count() or 1, "async_device": False, "matmul_efficiency": 1.0,
+        "memory_efficiency": 1.0, "nvlink_efficiency": 1.0, "nic_efficiency": 1.0, "nvlink_latency_us": alpha * 1e6,
+        "nic_latency_us": alpha * 1e6, "kernel_overhead_us": op * 1e6, "flash_attention_efficiency": 1.0,
+        "attention": "flash"}
+    report: dict[str, Any] = {"gemm_flops": gemm, "copy_bytes_per_s": copy, "gloo_alpha_s": alpha,
+                              "gloo_beta_bytes_per_s": beta, "gloo_allreduce_s": allreduce_times,
+                              "op_overhead_s": op, "cpus": os.cpu_count()}
+    if results_path is not None:
+        preset, rows = fit_compute(preset, json.loads(results_path.read_text()))
+        report["single_rank_fit"] = rows
+        report["fitted_gemm_flops"] = preset["peak_tflops"] * 1e12
+    return preset, report
+
+
+def write_preset(path: Path, preset: dict[str, Any], report: dict[str, Any], command: str) -> None:
+    rounded = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in preset.items()}
+    header = (f"# This machine, measured by `{command}` ({time.strftime('%Y-%m-%d')}; see "
+              "dtrain/scaling/calibrate.py).\n"
+              + (f"# Compute rate and per-kernel overhead fitted to the study's 1-rank steps: "
+                 f"{report['fitted_gemm_flops'] / 1e9:.1f} GFLOP/s.\n" if "fitted_gemm_flops" in report else "")
+              + f"# Microbenchmarks, one thread per rank: GEMM {report['gemm_flops'] / 1e9:.1f} GFLOP/s, copy "
+              f"{report['copy_bytes_per_s'] / 1e9:.2f} GB/s, gloo all-reduce alpha "
+              f"{report['gloo_alpha_s'] * 1e6:.0f} us beta {report['gloo_beta_bytes_per_s'] / 1e9:.2f} GB/s, "
+              f"{report['cpus']} CPUs.\n# Timings on a shared machine are noisy: recalibrate on the machine you "
+              "project for.\n")
+    body = yaml.safe_dump({"defaults": ["hardware_schema"], "name": path.stem, "peak_flops_per_device": None,
+                           **rounded}, sort_keys=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + body)
+
+
+def main(argv: Sequence[str]) -> int:
+    from dtrain.scaling.cli import _Parser, write_json
+    from dtrain.scaling.hardware import hardware_dir
+
+    parser = _Parser(prog="dtrain scale calibrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(hardware_dir() / "cpu_local.yaml"), help="preset YAML to write")
+    parser.add_argument("--results", help="a study's results.json: fit the per-kernel overhead to its 1-rank points")
+    parser.add_argument("--report", help="also write the raw measurements (JSON)")
+    args = parser.parse_args(list(argv))
+    results = Path(args.results) if args.results else None
+    if results is not None and not results.is_file():
+        raise ConfigError(f"--results {results} does not exist")
+    preset, report = calibrate(results)
+    command = "dtrain scale calibrate" + (f" --results {args.results}" if args.results else "")
+    write_preset(Path(args.out), preset, report, command)
+    if args.report:
+        write_json(args.report, report)
+    print(f"wrote {args.out}: GEMM {report['gemm_flops'] / 1e9:.1f} GFLOP/s, copy "
+          f"{report['copy_bytes_per_s'] / 1e9:.2f} GB/s, gloo alpha {report['gloo_alpha_s'] * 1e6:.0f} us, beta "
+          f"{report['gloo_beta_bytes_per_s'] / 1e9:.2f} GB/s, kernel overhead {preset['kernel_overhead_us']:.1f} us")
+    if "fitted_gemm_flops" in report:
+        print(f"fitted to the study's 1-rank steps: compute {report['fitted_gemm_flops'] / 1e9:.1f} GFLOP/s, kernel "
+              f"overhead {preset['kernel_overhead_us']:.1f} us")
+    for row in report.get("single_rank_fit", []):
+        print(f"  {row['point']:<20} measured {row['measured_s']:.4f}s projected {row['projected_s']:.4f}s "
+              f"({row['error']:+.1%})")
+    return 0

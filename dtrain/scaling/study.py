@@ -1,0 +1,474 @@
+"""``dtrain scale measure STUDY.yaml --out DIR``: a scaling sweep, run for real, summarized in one file.
+
+A study is strategies x world sizes x models x series (``strong``: the global batch stays; ``weak``: it
+grows with the world size, so each rank's work stays). Every point is an ordinary training run with
+its own run directory under ``DIR/runs/``; its ``metrics.jsonl`` (step time, tokens/s, exposed
+communication by dimension, bubble, bytes, peak memory) is summarized over the measured steps
+(medians; the first ``warmup_steps`` are dropped) into ``DIR/results.json``, with each point's
+efficiency against the smallest world size of its series, and, when the study names a ``hardware``
+preset, the projection of the same point on it (the closed loop of ``dtrain scale calibrate``).
+
+Study file (YAML)::
+
+    name: cpu_sweep
+    launcher: torchrun        # torchrun (here) | slurm | kubernetes (through `dtrain launch`, see README)
+    world_sizes: [1, 2, 4]
+    series: [strong, weak]
+    steps: 10                 # measured steps per point
+    warmup_steps: 3
+    timeout_s: 900            # per point
+    common: [data=synthetic, data.seq_len=128, trainer.global_batch_size=16, trainer.micro_batch_size=2]
+    models: {gpt_tiny: [model=gpt_tiny], gpt_small: [model=gpt_small, model.n_head=8]}
+    strategies: {ddp: [strategy=ddp], fsdp: [strategy=fsdp], tp: [strategy=tp],
+                 pp: [strategy=pp, model.tie_embeddings=false]}
+    exclude: [gpt_small/tp/4]  # model/strategy/world_size points to skip
+    repeats: 1                 # rounds over all points (alternating order); each point keeps its
+                               # least disturbed round (lowest median step): for a shared machine
+    hardware: cpu_local        # optional: project every point on this preset too
+
+Every point's config is validated (for its world size, in this process) before anything runs; all
+problems are reported at once. ``--plan`` prints the points and their overrides as JSON instead of
+running them (what a cluster launcher needs); ``--collect`` only summarizes run directories that
+already exist (after the points ran elsewhere, e.g. on a cluster, into ``DIR/runs/``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from dtrain.config.errors import ConfigError
+
+LAUNCHERS = ("torchrun", "slurm", "kubernetes")
+SERIES = ("strong", "weak")
+STUDY_KEYS = {"name", "launcher", "launcher_options", "world_sizes", "series", "steps", "warmup_steps", "timeout_s",
+              "repeats", "common", "models", "strategies", "exclude", "hardware"}
+# every run of a study: no evaluation, sampling or checkpoints; one log line per step; one thread per rank
+RUN_OVERRIDES = ["trainer.eval_every=0", "trainer.sample_tokens=0", "trainer.log_every=1", "logging.progress=off",
+                 "checkpoint.interval_steps=0", "checkpoint.save_final=false", "checkpoint.lease_ttl_s=0",
+                 "trainer.measure_comm=true"]
+METRIC_KEYS = ("exposed_comm_s", "exposed_comm_fraction", "exposed_comm_dp_s", "exposed_comm_tp_s",
+               "exposed_comm_pp_s", "exposed_comm_cp_s", "exposed_comm_other_s", "bubble_s", "bubble_fraction",
+               "comm_bytes", "comm_calls")
+
+
+@dataclass
+class Study:
+    name: str
+    launcher: str
+    launcher_options: dict[str, Any]
+    world_sizes: list[int]
+    series: list[str]
+    steps: int
+    warmup_steps: int
+    timeout_s: float
+    repeats: int
+    common: list[str]
+    models: dict[str, list[str]]
+    strategies: dict[str, list[str]]
+    exclude: list[str]
+    hardware: str | None
+
+
+@dataclass
+class Point:
+    model: str
+    strategy: str
+    series: str
+    world_size: int
+    overrides: list[str]
+    global_batch: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.strategy}/{self.series}/{self.world_size}"
+
+    @property
+    def run_name(self) -> str:
+        return self.key.replace("/", "-")
+
+    def run_dir(self, out: Path, round_: int) -> Path:
+        return out / "runs" / (self.run_name if round_ == 0 else f"{self.run_name}-r{round_}")
+
+
+@dataclass
+class Summary:
+    """One point of results.json (medians over the measured steps)."""
+
+    model: str
+    strategy: str
+    series: str
+    world_size: int
+    global_batch: int
+    step_time_s: float | None = None
+    step_time_best_s: float | None = None  # the fastest measured step: least disturbed by a busy machine
+    tokens_per_s: float | None = None
+    tokens_per_s_per_rank: float | None = None
+    strong_efficiency: float | None = None
+    weak_efficiency: float | None = None
+    exposed_comm_fraction: float | None = None
+    exposed_comm_fraction_by_dim: dict[str, float] = field(default_factory=dict)
+    bubble_fraction: float | None = None
+    comm_bytes_per_step: float | None = None
+    peak_memory_gib: float | None = None
+    oversubscribed: bool = False
+    steps_measured: int = 0
+    run_dir: str = ""
+    rounds_step_time_s: list[float | None] = field(default_factory=list)  # with repeats: every round's median
+    error: str | None = None
+    projection: dict[str, Any] | None = None
+
+
+def _list(value: Any, what: str, problems: list[str]) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.append(f"{what} must be a list of overrides (strings), not {value!r}")
+        return []
+    return value
+
+
+def load_study(path: str | Path) -> Study:
+    from dtrain.scaling.case import read_document
+
+    data = read_document(path, "study file") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"study file {path} must be a mapping (see `dtrain scale measure --help`)")
+    problems = [f"{k} is not a study field; known: {', '.join(sorted(STUDY_KEYS))}"
+                for k in sorted(set(data) - STUDY_KEYS)]
+    launcher = data.get("launcher", "torchrun")
+    if launcher not in LAUNCHERS:
+        problems.append(f"launcher={launcher!r} must be one of: {', '.join(LAUNCHERS)}")
+    worlds = data.get("world_sizes", [1, 2])
+    if not isinstance(worlds, list) or not worlds or not all(isinstance(w, int) and w >= 1 for w in worlds):
+        problems.append(f"world_sizes={worlds!r} must be a list of positive integers")
+        worlds = []
+    series = data.get("series", ["strong"])
+    if not isinstance(series, list) or not series or any(s not in SERIES for s in series):
+        problems.append(f"series={series!r} must list one or both of: {', '.join(SERIES)}")
+        series = []
+    numbers = {}
+    for key, default, low in (("steps", 10, 1), ("warmup_steps", 3, 0), ("timeout_s", 900, 1), ("repeats", 1, 1)):
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+            problems.append(f"{key}={value!r} must be a number >= {low}")
+        numbers[key] = value
+    blocks = {}
+    for key in ("models", "strategies"):
+        block = data.get(key)
+        if not isinstance(block, dict) or not block:
+            problems.append(f"{key} must be a mapping of names to override lists, e.g. {key}: {{name: [...]}}")
+            block = {}
+        blocks[key] = {name: _list(v, f"{key}.{name}", problems) for name, v in block.items()}
+    hardware = data.get("hardware")
+    if hardware is not None:
+        from dtrain.scaling.hardware import preset_names
+
+        if hardware not in preset_names():
+            problems.append(f"hardware={hardware!r} is not a preset; choose one of: {', '.join(preset_names())}")
+    if problems:
+        raise ConfigError(problems)
+    return Study(name=str(data.get("name", Path(path).stem)), launcher=launcher,
+                 launcher_options=dict(data.get("launcher_options") or {}), world_sizes=sorted(set(worlds)),
+                 series=series, steps=int(numbers["steps"]), warmup_steps=int(numbers["warmup_steps"]),
+                 timeout_s=float(numbers["timeout_s"]), repeats=int(numbers["repeats"]),
+                 common=_list(data.get("common"), "common", problems),
+                 models=blocks["models"], strategies=blocks["strategies"],
+                 exclude=[str(e) for e in data.get("exclude") or []], hardware=hardware)
+
+
+def _global_batch(overrides: list[str]) -> int:
+    from dtrain.config.validate import load_config
+
+    return int(load_config([*overrides, "run.name=plan"], 1).trainer.global_batch_size)
+
+
+def plan(study: Study) -> list[Point]:
+    """Every point with its overrides, each validated for its world size; ConfigError lists all problems."""
+    from dtrain.config.validate import load_config
+
+    points, problems = [], []
+    for model, model_overrides in study.models.items():
+        for strategy, strategy_overrides in study.strategies.items():
+            base = [*study.common, *model_overrides, *strategy_overrides]
+            try:
+                batch = _global_batch(base)
+            except ConfigError as e:
+                problems += [f"{model}/{strategy}: {p}" for p in e.problems]
+                continue
+            smallest = min(study.world_sizes)
+            for series in study.series:
+                for world in study.world_sizes:
+                    if f"{model}/{strategy}/{world}" in study.exclude or (world == smallest
+                                                                           and series != study.series[0]):
+                        continue  # the smallest point is shared by both series
+                    global_batch = batch * world // smallest if series == "weak" else batch
+                    overrides = [*base, f"trainer.global_batch_size={global_batch}", *RUN_OVERRIDES,
+                                 f"trainer.max_steps={study.warmup_steps + study.steps}"]
+                    try:
+                        load_config([*overrides, "run.name=plan"], world)
+                    except ConfigError as e:
+                        problems += [f"{model}/{strategy} at {world} ranks ({series}): {p}" for p in e.problems]
+                        continue
+                    label = series if world != smallest else study.series[0]  # the shared smallest point
+                    points.append(Point(model, strategy, label, world, overrides, global_batch))
+    if problems:
+        raise ConfigError(problems + ["exclude a point with `exclude: [model/strategy/world_size]`"])
+    return points
+
+
+def _run_point(point: Point, study: Study, run_dir: Path) -> str | None:
+    """Run one point through torchrun; None or the error's last lines."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={point.world_size}",
+               "-m", "dtrain", *point.overrides, f"run.dir={run_dir}", f"run.name={run_dir.name}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=study.timeout_s,
+                              start_new_session=True)
+    except subprocess.TimeoutExpired:
+        return f"did not finish within {study.timeout_s:.0f} s"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "stderr.log").write_text(done.stderr[-20000:])
+    if done.returncode != 0:
+        return f"exit {done.returncode}: " + " | ".join(done.stderr.strip().splitlines()[-3:])
+    return None
+
+
+def summarize(point: Point, study: Study, run_dir: Path, cpus: int) -> Summary:
+    summary = Summary(point.model, point.strategy, point.series, point.world_size, point.global_batch,
+                      run_dir=str(run_dir), oversubscribed=point.world_size > cpus)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        summary.error = f"no metrics in {run_dir}"
+        return summary
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("step", 0) > study.warmup_steps and "step_time_s" in r]
+    if not rows:
+        summary.error = f"no measured steps in {path}"
+        return summary
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in rows if key in r]
+        return statistics.median(values) if values else None
+
+    summary.steps_measured = len(rows)
+    summary.step_time_s = median("step_time_s")
+    summary.step_time_best_s = min(r["step_time_s"] for r in rows)
+    summary.tokens_per_s = median("tokens_per_s")
+    summary.tokens_per_s_per_rank = summary.tokens_per_s / point.world_size if summary.tokens_per_s else None
+    summary.exposed_comm_fraction = median("exposed_comm_fraction")
+    if summary.exposed_comm_fraction is not None:
+        summary.exposed_comm_fraction_by_dim = {
+            dim: statistics.median(r[f"exposed_comm_{dim}_s"] / r["step_time_s"] for r in rows)
+            for dim in ("dp", "tp", "pp", "cp", "other")}
+    summary.bubble_fraction = median("bubble_fraction")
+    summary.comm_bytes_per_step = median("comm_bytes")
+    peaks = [r["peak_mem_gib"] for r in rows if "peak_mem_gib" in r]
+    summary.peak_memory_gib = max(peaks) if peaks else None
+    return summary
+
+
+def add_efficiency(summaries: list[Summary]) -> None:
+    """Strong: tokens/s against the smallest point x world ratio; weak: tokens/s per rank against it."""
+    smallest: dict[tuple[str, str], Summary] = {}
+    for s in summaries:
+        key = (s.model, s.strategy)
+        if s.tokens_per_s and (key not in smallest or s.world_size < smallest[key].world_size):
+            smallest[key] = s
+    for s in summaries:
+        base = smallest.get((s.model, s.strategy))
+        if base is None or not s.tokens_per_s_per_rank:
+            continue
+        ratio = s.tokens_per_s_per_rank / base.tokens_per_s_per_rank
+        if s is base:
+            s.strong_efficiency = s.weak_efficiency = 1.0
+        elif s.series == "strong":
+            s.strong_efficiency = ratio
+        else:
+            s.weak_efficiency = ratio
+
+
+def _anchored(case, measured: float):
+    """``case`` with its hardware's compute rate scaled so that its projection takes ``measured`` seconds
+    (log bisection; the step time falls monotonically as the rate rises)."""
+    from dataclasses import replace as with_fields
+
+    from dtrain.scaling.projection import project
+
+    hw = case.hardware
+
+    def at(scale: float):
+        return with_fields(case, hardware=with_fields(hw, peak_tflops=hw.peak_tflops * scale,
+                                                      peak_tflops_fp32=hw.peak_tflops_fp32 * scale))
+
+    low, high = 0.05, 20.0
+    for _ in range(40):
+        middle = (low * high) ** 0.5
+        if project(at(middle)).step_time_s > measured:
+            low = middle
+        else:
+            high = middle
+    return (low * high) ** 0.5
+
+
+def add_projection(summaries: list[Summary], points: list[Point], hardware: str) -> None:
+    """The projection of each measured point on ``hardware`` (same model, layout and batch).
+
+    On a CPU preset (``async_device: false``) the closed loop anchors each model and strategy at its
+    own 1-rank point: the compute rate is scaled so that the projection of that point equals its
+    measured step (each strategy's code path costs differently: FSDP's hooks, the pipeline runtime);
+    the 2- and 4-rank points are then projected with that rate and compared with their measurements."""
+    from dataclasses import replace as with_fields
+
+    from dtrain.scaling.case import problems_of
+    from dtrain.scaling.hardware import resolve
+    from dtrain.scaling.projection import project
+
+    by_key = {p.key: p for p in points}
+    preset = resolve(hardware)
+    anchors: dict[tuple[str, str], float] = {}
+    cases = {}
+    for s in summaries:
+        point = by_key[f"{s.model}/{s.strategy}/{s.series}/{s.world_size}"]
+        try:
+            case = case_from_overrides(point.overrides, point.world_size, hardware)
+        except ConfigError as e:
+            s.projection = {"error": "; ".join(e.problems)}
+            continue
+        if problems_of(case):
+            s.projection = {"error": "; ".join(problems_of(case))}
+            continue
+        cases[id(s)] = case
+        if s.world_size == 1 and s.step_time_s and not preset.async_device:
+            anchors[(s.model, s.strategy)] = _anchored(case, s.step_time_s)
+    for s in summaries:
+        case = cases.get(id(s))
+        if case is None:
+            continue
+        scale = anchors.get((s.model, s.strategy), 1.0)
+        hw = case.hardware
+        case = with_fields(case, hardware=with_fields(hw, peak_tflops=hw.peak_tflops * scale,
+                                                      peak_tflops_fp32=hw.peak_tflops_fp32 * scale))
+        result = project(case)
+        s.projection = {"hardware": hardware, "compute_gflops": round(case.hardware.peak_tflops * 1e3, 2),
+                        "step_time_s": result.step_time_s, "exposed_comm_fraction": result.exposed_comm_fraction,
+                        "bubble_fraction": result.bubble_fraction,
+                        "error_vs_measured": (result.step_time_s - s.step_time_s) / s.step_time_s
+                        if s.step_time_s else None,
+                        "error_vs_best": (result.step_time_s - s.step_time_best_s) / s.step_time_best_s
+                        if s.step_time_best_s else None}
+
+
+def case_from_overrides(overrides: list[str], world_size: int, hardware: str | dict[str, Any]):
+    """The CASE of a dtrain run (built-in GPT): model shape, layout, batch, precision, on ``hardware`` (a
+    preset name or a block)."""
+    from dtrain.config.validate import load_config
+    from dtrain.scaling.case import parse
+    from dtrain.strategies.layout import parallel_dims
+
+    cfg = load_config([*overrides, "run.name=plan"], world_size)
+    m, s, t = cfg.model, cfg.strategy, cfg.trainer
+    if not {"n_layer", "d_model", "n_head", "vocab_size"} <= set(m.keys()):
+        raise ConfigError(f"model._target_={m._target_} does not declare its shape; only the built-in GPT projects")
+    dims = parallel_dims(s.name, s, world_size)
+    if dims is None:
+        raise ConfigError(f"strategy={s.name} has no mesh layout to project")
+    zero = 3 if dims.dp_shard > 1 else 0
+    # an uneven pipeline split runs at the pace of its largest stage: project equal stages of that size
+    layers = -(-m.n_layer // dims.pp) * dims.pp if dims.pp > 1 else m.n_layer
+    recompute = {"none": "none", "full": "full", "selective": "selective"}[s.activation_checkpointing]
+    return parse({
+        "model": {"layers": layers, "hidden": m.d_model, "heads": m.n_head, "kv_heads": m.n_head,
+                  "ffn_hidden": m.get("mlp_ratio", 4) * m.d_model, "gated_mlp": False, "vocab": m.vocab_size,
+                  "seq_len": cfg.data.seq_len, "attention": "flash"},
+        "parallel": {"gpus": world_size, "tp": dims.tp, "pp": dims.pp, "vpp": 1, "cp": 1,
+                     "micro_batch": t.micro_batch_size, "global_batch": t.global_batch_size, "zero": zero,
+                     "sequence_parallel": bool(s.sequence_parallel and dims.tp > 1), "recompute": recompute,
+                     "dp_overlap": s.name != "single"},
+        "precision": t.precision, "hardware": hardware})
+
+
+def main(argv: Sequence[str]) -> int:
+    import argparse
+
+    from dtrain.scaling.cli import _Parser, write_json
+
+    parser = _Parser(prog="dtrain scale measure", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", help="study file (YAML)")
+    parser.add_argument("--out", required=True, help="folder for runs/ and results.json")
+    parser.add_argument("--plan", action="store_true", help="print the points and their overrides, run nothing")
+    parser.add_argument("--collect", action="store_true", help="only summarize existing DIR/runs/ (ran elsewhere)")
+    args = parser.parse_args(list(argv))
+    study = load_study(args.study)
+    points = plan(study)
+    out = Path(args.out)
+    if args.plan:
+        print(json.dumps([{"point": p.key, "world_size": p.world_size, "overrides": p.overrides} for p in points],
+                         indent=2))
+        return 0
+    if study.launcher != "torchrun" and not args.collect:
+        raise ConfigError(f"launcher={study.launcher}: this build runs studies through torchrun only; submit the "
+                          f"points of `dtrain scale measure {args.study} --out {args.out} --plan` with `dtrain "
+                          f"launch` (one run per point, run.dir=<out>/runs/<point>), then add --collect")
+    cpus = os.cpu_count() or 1
+    started = time.monotonic()
+    rounds: dict[str, list[Summary]] = {p.key: [] for p in points}
+    for round_ in range(study.repeats):
+        order = points if round_ % 2 == 0 else points[::-1]  # alternate, against slow drifts of the load
+        for index, point in enumerate(order, 1):
+            run_dir = point.run_dir(out, round_)
+            error = None
+            if not args.collect:
+                label = f"round {round_ + 1}/{study.repeats} " if study.repeats > 1 else ""
+                print(f"[{label}{index}/{len(points)}] {point.key} ...", end=" ", flush=True)
+                t0 = time.monotonic()
+                error = _run_point(point, study, run_dir)
+            summary = summarize(point, study, run_dir, cpus)
+            summary.error = error or summary.error
+            rounds[point.key].append(summary)
+            if not args.collect:
+                result = summary.error or f"step {summary.step_time_s:.3f}s, {summary.tokens_per_s:.0f} tok/s, " \
+                                          f"exposed comm {summary.exposed_comm_fraction or 0:.1%}"
+                print(f"{result} ({time.monotonic() - t0:.0f}s)", flush=True)
+    summaries = []
+    for point in points:
+        done = [s for s in rounds[point.key] if s.step_time_s is not None]
+        best = min(done, key=lambda s: s.step_time_s) if done else rounds[point.key][0]
+        best.rounds_step_time_s = [s.step_time_s for s in rounds[point.key]]
+        summaries.append(best)
+    failed = sum(s.error is not None for s in summaries)
+    add_efficiency(summaries)
+    if study.hardware:
+        add_projection(summaries, points, study.hardware)
+    import torch
+
+    results = {"study": study.name, "launcher": study.launcher, "series": study.series, "steps": study.steps,
+               "warmup_steps": study.warmup_steps, "repeats": study.repeats, "hardware": study.hardware,
+               "machine": {"cpus": cpus, "platform": platform.platform(), "python": platform.python_version(),
+                           "torch": torch.__version__, "omp_threads_per_rank": 1},
+               "seconds": round(time.monotonic() - started, 1), "points": [asdict(s) for s in summaries]}
+    write_json(out / "results.json", results)
+    from dtrain.scaling.report import measured_markdown
+
+    (out / "results.md").write_text(measured_markdown(results))
+    print(f"wrote {out / 'results.json'} and results.md ({len(summaries)} points, {failed} failed)")
+    try:
+        from dtrain.scaling.plots import measured_plots
+
+        for plot in measured_plots(results, out):
+            print(f"wrote {plot}")
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install 'dtrain[scaling]')")
+    return 1 if failed else 0

@@ -1,0 +1,72 @@
+"""``dtrain scale measure``: a 1- and 2-rank sweep through real torchrun, summarized in results.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.helpers import read_metrics, run_cmd
+
+STUDY = """
+name: smoke
+world_sizes: [1, 2]
+series: [strong, weak]
+steps: 2
+warmup_steps: 1
+common: [data=synthetic, data.seq_len=32, data.vocab_size=64, model.n_layer=2, model.d_model=64,
+         trainer.micro_batch_size=2, trainer.global_batch_size=4, optim.warmup_steps=0]
+models: {gpt_tiny: [model=gpt_tiny]}
+strategies: {ddp: [strategy=ddp]}
+hardware: cpu_local
+"""
+
+
+def _scale(*args: str, timeout: float = 600):
+    return run_cmd([sys.executable, "-m", "dtrain", "scale", *args], timeout=timeout)
+
+
+def test_measure_runs_the_sweep_and_writes_results(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(STUDY)  # the shared 1-rank point, and a 2-rank point per series
+    out = tmp_path / "out"
+    done = _scale("measure", str(study), "--out", str(out))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    points = {(p["series"], p["world_size"]): p for p in results["points"]}
+    assert set(points) == {("strong", 1), ("strong", 2), ("weak", 2)}
+    keys = {"world_size", "tokens_per_s", "tokens_per_s_per_rank", "step_time_s", "strong_efficiency",
+            "weak_efficiency", "exposed_comm_fraction", "exposed_comm_fraction_by_dim", "bubble_fraction",
+            "comm_bytes_per_step", "peak_memory_gib"}
+    for p in points.values():
+        assert keys <= set(p) and p["error"] is None and p["steps_measured"] == 2
+    base, strong, weak = points["strong", 1], points["strong", 2], points["weak", 2]
+    assert base["strong_efficiency"] == base["weak_efficiency"] == 1.0 and base["exposed_comm_fraction"] == 0
+    assert strong["strong_efficiency"] > 0 and strong["weak_efficiency"] is None
+    assert weak["weak_efficiency"] > 0 and weak["global_batch"] == 2 * base["global_batch"]
+    assert strong["exposed_comm_fraction"] > 0 and strong["comm_bytes_per_step"] > 0
+    assert strong["tokens_per_s_per_rank"] == strong["tokens_per_s"] / 2
+    assert strong["projection"]["hardware"] == "cpu_local" and strong["projection"]["step_time_s"] > 0
+    # every training run's metrics carry the exposed-communication numbers
+    rows = read_metrics(out / "runs" / "gpt_tiny-ddp-strong-2")
+    assert all("exposed_comm_s" in r and "exposed_comm_fraction" in r for r in rows)
+    assert (out / "efficiency_gpt_tiny.png").stat().st_size > 0 and (out / "breakdown_gpt_tiny.png").exists()
+
+    # --collect summarizes the same runs again without running anything
+    again = _scale("measure", str(study), "--out", str(out), "--collect", timeout=240)
+    assert again.returncode == 0 and "[1/" not in again.stdout
+    assert json.loads((out / "results.json").read_text())["points"][1]["step_time_s"] == strong["step_time_s"]
+
+
+def test_bad_study_is_refused_before_anything_runs(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(STUDY.replace("world_sizes: [1, 2]", "world_sizes: [1, 3]")
+                     .replace("strategies: {ddp: [strategy=ddp]}", "strategies: {tp: [strategy=tp]}"))
+    done = _scale("measure", str(study), "--out", str(tmp_path / "out"), timeout=240)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "gpt_tiny/tp at 3 ranks (strong)" in done.stderr and "exclude a point" in done.stderr
+    assert not (tmp_path / "out").exists()
+    study.write_text("world_sizes: [0]\nlauncher: mpi\nmodels: {}\n")
+    done = _scale("measure", str(study), "--out", str(tmp_path / "out"), timeout=240)
+    assert done.returncode == 2 and "launcher='mpi'" in done.stderr and "world_sizes=[0]" in done.stderr
+    plan = _scale("measure", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "out"), timeout=240)
+    assert plan.returncode == 2 and plan.stderr.strip().count("\n") == 0

@@ -1,0 +1,292 @@
+"""The projection: closed-form pieces, monotone behaviour, bad input, and the published-runs validation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dtrain.config.errors import ConfigError
+from dtrain.scaling.case import parse
+from dtrain.scaling.hardware import preset_names, resolve
+from dtrain.scaling.projection import Timer, model_flops_per_token, project
+from dtrain.scaling.published import check, load_rows
+from tests.helpers import REPO, subprocess_env
+
+BASE = {"model": {"layers": 24, "hidden": 2048, "heads": 16, "vocab": 51200, "seq_len": 2048},
+        "parallel": {"gpus": 8, "tp": 1, "pp": 1, "vpp": 1, "cp": 1, "micro_batch": 4, "global_batch": 64,
+                     "zero": 0, "sequence_parallel": False, "recompute": "none", "dp_overlap": True},
+        "precision": "bf16", "hardware": "h100_sxm"}
+
+
+def case(**changes):
+    """BASE with dotted changes, e.g. case(**{"parallel.gpus": 16})."""
+    doc = copy.deepcopy(BASE)
+    for key, value in changes.items():
+        block, _, field = key.partition(".")
+        if field:
+            doc[block][field] = value
+        else:
+            doc[block] = value
+    return doc
+
+
+def run(**changes):
+    return project(parse(case(**changes)))
+
+
+def test_model_flops_match_the_trainers_count():
+    """The projection and the trainer's MFU (GPT.flops_per_token: 6N + 12 L d T) count the same FLOPs."""
+    from dtrain.models.gpt import GPT
+
+    gpt = GPT(vocab_size=512, seq_len=256, n_layer=3, n_head=4, d_model=128, tie_embeddings=False)
+    shape = parse(case(model={"layers": 3, "hidden": 128, "heads": 4, "vocab": 512, "seq_len": 256})).model
+    assert model_flops_per_token(shape) == pytest.approx(gpt.flops_per_token(256))
+
+
+def test_megatron_flop_formula_with_full_recompute():
+    """Hardware TFLOP/s x step time is Megatron's 96 B s l h^2 (1 + s/6h + V/16lh) per GPU."""
+    r = run(**{"parallel.recompute": "full"})
+    b, s, layers, h, v = 64, 2048, 24, 2048, 51200
+    flops = 96 * b * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))
+    assert r.hardware_tflops_per_gpu * 1e12 * r.step_time_s * 8 == pytest.approx(flops, rel=1e-9)
+
+
+def test_ring_collective_cost_in_a_node_and_across_nodes():
+    hw = resolve("a100_80gb")
+    timer = Timer(hw, "fp16", 8)
+    size = 1e9
+    inside = timer.collective("all_reduce", size, 8, 1)
+    expected = 2 * 7 / 8 * size / (300e9 * hw.nvlink_efficiency) + 2 * 7 * hw.nvlink_latency_us * 1e-6
+    assert inside == pytest.approx(expected)
+    # one GPU per node in the group (tp=8 fills the node): each ring crosses nodes through its own NIC
+    across = timer.collective("all_reduce", size, 4, 8)
+    assert across == pytest.approx(2 * 3 / 4 * size / (25e9 * hw.nic_efficiency) + 2 * 2 * hw.nic_latency_us * 1e-6)
+    # all 8 GPUs of each node in the group: 8 rails, bounded by NVLink
+    rails = timer.collective("all_gather", size, 32, 1)
+    assert rails == pytest.approx(31 / 32 * size / min(300e9 * 0.8, 8 * 25e9 * hw.nic_efficiency)
+                                  + (7 * hw.nvlink_latency_us + 3 * hw.nic_latency_us) * 1e-6)
+
+
+def test_pipeline_bubble_follows_p_minus_1_over_m_v():
+    tiny_head = {"layers": 32, "hidden": 4096, "heads": 32, "vocab": 256, "seq_len": 2048}
+    for vpp, microbatches in ((1, 8), (1, 32), (2, 8)):
+        r = run(model=tiny_head, **{"parallel.pp": 4, "parallel.vpp": vpp, "parallel.gpus": 4,
+                                    "parallel.micro_batch": 1, "parallel.global_batch": microbatches})
+        parts = r.breakdown_s
+        slot = (parts["compute"] + parts["tp"] + parts["cp"]) / microbatches  # one micro-batch on a stage
+        assert parts["bubble"] == pytest.approx(3 / vpp * slot, rel=0.01), (vpp, microbatches)
+        busy = r.step_time_s - parts["bubble"]
+        assert r.bubble_fraction == pytest.approx(parts["bubble"] / (parts["bubble"] + busy))
+    assert r.bubble_fraction < run(model=tiny_head, **{"parallel.pp": 4, "parallel.gpus": 4, "parallel.micro_batch": 1,
+                                                       "parallel.global_batch": 8}).bubble_fraction
+
+
+def test_recompute_and_sequence_parallelism_trade_time_for_memory():
+    none, selective, full = (run(**{"parallel.recompute": r}) for r in ("none", "selective", "full"))
+    assert none.step_time_s < selective.step_time_s < full.step_time_s
+    assert none.memory_gib_per_gpu > full.memory_gib_per_gpu
+    tp = {"parallel.tp": 8, "parallel.global_batch": 8, "model.attention": "unfused"}
+    assert run(**tp, **{"parallel.sequence_parallel": True}).memory_gib_per_gpu < run(**tp).memory_gib_per_gpu
+    memories = [run(**{"parallel.zero": z}).memory_gib_per_gpu for z in (0, 1, 2, 3)]
+    assert memories == sorted(memories, reverse=True)
+
+
+def test_communication_share_grows_with_scale_and_shrinks_with_bandwidth():
+    doc = case(**{"parallel.zero": 3})
+    results = [project(parse(doc).with_gpus(g)) for g in (8, 128, 1024)]
+    fractions = [r.exposed_comm_fraction for r in results]
+    assert fractions == sorted(fractions)
+    slow = case(**{"parallel.gpus": 64, "parallel.global_batch": 512, "parallel.dp_overlap": False,
+                   "hardware": {"preset": "h100_sxm", "nic_gbps_per_gpu": 12.5}})
+    fast = case(**{"parallel.gpus": 64, "parallel.global_batch": 512, "parallel.dp_overlap": False})
+    assert project(parse(slow)).comm_fraction_by_dim["dp"] > project(parse(fast)).comm_fraction_by_dim["dp"] > 0
+    assert project(parse(slow)).step_time_s > project(parse(fast)).step_time_s
+
+
+def test_overlap_hides_data_parallel_gradients():
+    kw = {"parallel.gpus": 64, "parallel.global_batch": 256}
+    hidden = run(**kw, **{"parallel.dp_overlap": True})
+    exposed = run(**kw, **{"parallel.dp_overlap": False})
+    assert hidden.comm_fraction_by_dim["dp"] < 0.5 * exposed.comm_fraction_by_dim["dp"]
+
+
+def test_with_gpus_keeps_the_batch_per_replica():
+    c = parse(case()).with_gpus(64)
+    assert (c.parallel.gpus, c.parallel.global_batch, c.parallel.microbatches) == (64, 512, 2)
+    strong = parse(case()).with_gpus(16, keep_global_batch=True)
+    assert strong.parallel.global_batch == 64 and strong.parallel.microbatches == 1
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"parallel.gpus": 12, "parallel.tp": 8}, "parallel.gpus=12 is not divisible by tp x pp x cp = 8 x 1 x 1 = 8"),
+    ({"parallel.tp": 3, "parallel.gpus": 3}, "model.heads=16 is not divisible by parallel.tp=3"),
+    ({"parallel.pp": 5, "parallel.gpus": 5, "parallel.global_batch": 20},
+     "model.layers=24 does not split into pp x vpp"),
+    ({"parallel.global_batch": 60}, "parallel.global_batch=60 is not divisible by micro_batch x dp = 4 x 8 = 32"),
+    ({"hardware": "b200_nope"}, "unknown hardware preset 'b200_nope'; choose one of: a100_80gb"),
+    ({"parallel.recompute": "some"}, "parallel.recompute='some' must be one of: none, selective, full"),
+    ({"precision": "int4"}, "precision='int4' must be one of"),
+    ({"parallel.zero": 4}, "parallel.zero=4 must be one of 0, 1, 2, 3"),
+    ({"model.kv_heads": 5}, "model.heads=16 is not divisible by model.kv_heads=5"),
+    ({"hardware": {"peak_tflops": -1}}, "hardware.peak_tflops=-1 must be a positive number"),
+    ({"hardware": {"peak_tflops": 312, "warp_drive": 1}}, "hardware.warp_drive is not a hardware field"),
+    ({"model.depth": 3}, "model.depth is not a model field"),
+])
+def test_bad_cases_are_one_clear_line(changes, expected):
+    with pytest.raises(ConfigError) as info:
+        parse(case(**changes))
+    assert expected in info.value.render()
+    assert all("\n" not in p for p in info.value.problems)
+    assert len(info.value.problems) == (2 if "tp=3" in expected else 1)  # tp=3 splits neither heads nor FFN
+
+
+def test_presets_include_the_datasheet_gpus():
+    names = preset_names()
+    assert {"a100_80gb", "h100_sxm", "h200_sxm"} <= set(names)
+    h200 = resolve("h200_sxm")
+    assert (h200.hbm_gib, h200.hbm_gbps, h200.nvlink_gbps_per_gpu, h200.nic_gbps_per_gpu) == (141, 4800, 450, 50)
+
+
+def test_a_block_without_optional_fields_equals_the_a100_preset():
+    """The published-cases file gives A100s as a block of five fields; it must project like the preset."""
+    block = {"peak_tflops": 312, "hbm_gib": 80, "gpus_per_node": 8, "nvlink_gbps_per_gpu": 300, "nic_gbps_per_gpu": 25}
+    a = run(hardware=block, precision="fp16")
+    b = run(hardware="a100_80gb", precision="fp16")
+    assert a.step_time_s == pytest.approx(b.step_time_s)
+
+
+def test_out_of_memory_is_a_flag_with_the_excess():
+    r = run(model={"layers": 80, "hidden": 8192, "heads": 64, "vocab": 128256, "seq_len": 8192},
+            **{"parallel.micro_batch": 1, "parallel.global_batch": 8})
+    assert not r.fits_in_memory and r.memory_excess_gib > 100 and r.step_time_s > 0
+
+
+def test_validation_meets_its_goals_on_both_published_tables():
+    report = check(load_rows())
+    for name, table in report["tables"].items():
+        assert table["mean_abs_error"] <= 0.05 and table["max_abs_error"] <= 0.10, (name, table)
+    assert len(report["tables"]["megatron2021_t1"]["rows"]) == 10
+    assert len(report["tables"]["korthikanti2022_t5"]["rows"]) == 8
+
+
+def _dtrain(*args) -> subprocess.CompletedProcess:
+    """``dtrain scale ...`` in this process through the real entry's dispatch (stdout/stderr captured)."""
+    import contextlib
+    import io
+
+    from dtrain.cli import run as dtrain_run
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = dtrain_run(["scale", *args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_cli_contract(tmp_path):
+    case_file = tmp_path / "case.yaml"
+    case_file.write_text(json.dumps(case(**{"parallel.zero": 3})))
+    out = tmp_path / "out.json"
+    # once through a real process: the console entry and its exit code
+    done = subprocess.run([sys.executable, "-m", "dtrain", "scale", "project", str(case_file), "--gpus", "8,128,1024",
+                           "--out", str(out)], capture_output=True, text=True, env=subprocess_env(), cwd=REPO,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr
+    points = json.loads(out.read_text())
+    keys = {"gpus", "efficiency", "step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu",
+            "hardware_tflops_per_gpu", "mfu", "memory_gib_per_gpu", "exposed_comm_fraction", "comm_fraction_by_dim",
+            "bubble_fraction"}
+    assert [p["gpus"] for p in points] == [8, 128, 1024] and all(keys <= set(p) for p in points)
+    assert points[0]["efficiency"] == 1.0 and set(points[0]["comm_fraction_by_dim"]) == {"dp", "tp", "pp", "cp"}
+    single = tmp_path / "one.json"
+    assert _dtrain("project", str(case_file), "--out", str(single)).returncode == 0
+    assert keys - {"efficiency"} <= set(json.loads(single.read_text()))
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps(case(**{"parallel.tp": 8, "parallel.gpus": 12})))
+    tp8 = tmp_path / "tp8.yaml"
+    tp8.write_text(json.dumps(case(**{"parallel.tp": 8, "parallel.global_batch": 8})))
+    for args in (["project", str(bad), "--out", str(tmp_path / "x.json")],
+                 ["project", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x.json")],
+                 ["project", str(case_file), "--gpus", "8,x", "--out", str(tmp_path / "x.json")],
+                 ["project", str(tp8), "--gpus", "8,12", "--out", str(tmp_path / "x.json")],
+                 ["project", str(case_file)],
+                 ["nonsense"]):
+        done = _dtrain(*args)
+        assert done.returncode == 2 and done.stderr.startswith("dtrain: "), (args, done.stderr)
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not (tmp_path / "x.json").exists()
+
+    validation = tmp_path / "v.json"
+    done = _dtrain("validate", "--out", str(validation))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(validation.read_text())
+    assert report["meets_goal"] and all("error" in r for t in report["tables"].values() for r in t["rows"])
+
+
+def test_projections_check_the_quoted_targets(tmp_path):
+    (tmp_path / "ddp.yaml").write_text(json.dumps(case(**{"parallel.gpus": 1, "parallel.global_batch": 8})))
+    (tmp_path / "tp8.yaml").write_text(json.dumps(case(**{"parallel.tp": 8, "parallel.global_batch": 8})))
+    spec = tmp_path / "projections.yaml"
+    spec.write_text(json.dumps({"gpus": [1, 8, 128], "hardware": ["h100_sxm", "h200_sxm"],
+                                "cases": {"ddp": "ddp.yaml", "tp8": "tp8.yaml"},
+                                "targets": {"efficiency": {"8": 0.99, "128": 0.97}, "comm_fraction": 0.10}}))
+    done = _dtrain("projections", str(spec), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "projections.json").read_text())
+    assert len(report["projections"]) == 4 and len(report["table"]) == 12
+    rows = [r for r in report["table"] if "error" not in r]
+    assert len(rows) == 10  # tp=8 does not run on 1 GPU: its baseline is the first node
+    for row in rows:
+        assert row["compute_share"] == pytest.approx(1 - row["comm"] - row["bubble"], abs=1e-3)
+        assert row["comm_holds"] == (row["comm"] < 0.10)
+        if row["gpus"] == row["baseline_gpus"]:
+            assert row["efficiency"] == 1.0 and row["efficiency_target"] is None
+        else:
+            assert row["efficiency_holds"] == (row["efficiency"] >= {8: 0.99, 128: 0.97}[row["gpus"]])
+    assert {r["baseline_gpus"] for r in rows if r["case"] == "tp8"} == {8}
+    tp_row = next(r for r in rows if r["case"] == "tp8")
+    assert tp_row["largest_loss"].startswith("tp communication")
+    table = (tmp_path / "out" / "targets.md").read_text()
+    assert table.count("\n") == 2 + 12 and "holds" in table and "n/a: parallel.gpus=1" in table
+    assert (tmp_path / "out" / "efficiency_projected.png").stat().st_size > 0
+
+
+def test_calibration_fits_the_per_kernel_overhead_to_one_rank_steps(tmp_path):
+    """On a CPU preset the projection is linear in the per-kernel overhead: one-rank steps measured at a
+    known overhead give it back, and the written preset loads as a preset."""
+    from dataclasses import replace
+
+    from dtrain.scaling.calibrate import fit_kernel_overhead, write_preset
+    from dtrain.scaling.hardware import from_block
+    from dtrain.scaling.study import case_from_overrides
+
+    preset = {"peak_tflops": 0.02, "peak_tflops_fp32": 0.02, "hbm_gib": 16, "hbm_gbps": 5.0, "gpus_per_node": 64,
+              "nvlink_gbps_per_gpu": 1.0, "nic_gbps_per_gpu": 1.0, "compute_slots_per_node": 2,
+              "async_device": False, "matmul_efficiency": 1.0, "memory_efficiency": 1.0, "nvlink_efficiency": 1.0,
+              "nic_efficiency": 1.0, "nvlink_latency_us": 100.0, "nic_latency_us": 100.0, "kernel_overhead_us": 0.0,
+              "flash_attention_efficiency": 1.0, "attention": "flash"}
+    points = []
+    for name, overrides in (("tiny", ["model=gpt_tiny"]), ("small", ["model=gpt_small", "model.n_head=8"])):
+        overrides = [*overrides, "data=synthetic", "data.seq_len=64", "trainer.global_batch_size=8"]
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "overrides.txt").write_text("\n".join(overrides + ["run.dir=x"]) + "\n")
+        case = case_from_overrides(overrides, 1, preset)
+        truth = project(replace(case, hardware=from_block({**preset, "kernel_overhead_us": 37.0}))).step_time_s
+        points.append({"model": name, "strategy": "ddp", "world_size": 1, "step_time_s": truth,
+                       "run_dir": str(run_dir)})
+    overhead, rows = fit_kernel_overhead(preset, {"points": points})
+    assert overhead == pytest.approx(37.0, rel=1e-6)
+    assert all(abs(r["error"]) < 1e-6 for r in rows)
+    path = tmp_path / "cpu_test.yaml"
+    write_preset(path, {**preset, "kernel_overhead_us": overhead},
+                 {"gemm_flops": 2e10, "copy_bytes_per_s": 5e9, "gloo_alpha_s": 1e-4, "gloo_beta_bytes_per_s": 1e9,
+                  "cpus": 2}, "dtrain scale calibrate")
+    import yaml
+
+    loaded = from_block(yaml.safe_load(path.read_text()), "cpu_test")
+    assert loaded.kernel_overhead_us == pytest.approx(37.0) and not loaded.async_device
