@@ -43,6 +43,7 @@ class Trainer:
         self.step = 0
         self.tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
         self._grace_warned = False
+        self.state_bytes = 0  # this rank's checkpoint tensors, measured on the resume template
 
     @classmethod
     def build(cls, cfg: DictConfig, env: DistEnv, device: torch.device,
@@ -87,6 +88,7 @@ class Trainer:
 
     def resume(self) -> None:
         template = self.strategy.state_dict()
+        self.state_bytes = sum(t.numel() * t.element_size() for t in _tensors(template))
         restored = self.checkpoints.restore(template)
         if restored is None:
             return
@@ -109,7 +111,8 @@ class Trainer:
         if self._grace_warned or not self.env.is_rank_zero:
             return
         if write_bandwidth:
-            state_bytes = sum(t.numel() * t.element_size() for t in _tensors(self.strategy.state_dict()))
+            # not a fresh state_dict(): only rank 0 is here, and a strategy may gather (DeepSpeed does)
+            state_bytes = self.state_bytes
             estimate, how = state_bytes / write_bandwidth, f"estimated from {state_bytes / 1e6:.0f} MB per rank at " \
                 f"{write_bandwidth / 1e6:.0f} MB/s"
         elif self.checkpoints.last_save_seconds is not None:
