@@ -1,6 +1,8 @@
 """dtrain's ``ddp`` loop against a minimal hand-written torch DDP loop: same model, data, batch, ranks.
 
     python benchmarks/overhead.py --out overhead.json          # launches itself on 2 gloo ranks
+    python benchmarks/overhead.py --baseline deepspeed --out overhead-ds.json
+                                  # dtrain's zero2 against a hand-written deepspeed.initialize loop
 
 Both loops live in the same two processes and take turns in short blocks of steps (the order flips
 every round); the first round is warm-up. On a shared 2-core machine the step time drifts by several
@@ -27,6 +29,8 @@ from pathlib import Path
 OVERRIDES = ["model=gpt_tiny", "data=stdlib", "data.seq_len=128", "data.max_bytes=4000000", "strategy=ddp",
              "trainer.global_batch_size=32", "trainer.micro_batch_size=8", "trainer.eval_every=0",
              "trainer.log_every=1", "trainer.sample_tokens=0", "logging.progress=off", "trainer.max_steps=1000000"]
+# --baseline deepspeed: the same run as ZeRO stage 2 (see DeepSpeedBaselineLoop)
+DEEPSPEED_OVERRIDES = [o if o != "strategy=ddp" else "strategy=zero2" for o in OVERRIDES]
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,13 +39,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=24, help="rounds after one warm-up round")
     parser.add_argument("--steps", type=int, default=3, help="steps per loop per round")
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--baseline", choices=("ddp", "deepspeed"), default="ddp",
+                        help="ddp: dtrain's ddp vs torch DDP by hand; deepspeed: dtrain's zero2 vs "
+                             "deepspeed.initialize by hand")
     return parser.parse_args()
 
 
 def launch(args: argparse.Namespace) -> int:
     """Re-run this file under torchrun on ``--nproc`` local ranks."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               __file__, "--out", args.out, "--rounds", str(args.rounds), "--steps", str(args.steps)]
+               __file__, "--out", args.out, "--rounds", str(args.rounds), "--steps", str(args.steps),
+               "--baseline", args.baseline]
     return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
 
 
@@ -88,6 +96,55 @@ class BaselineLoop:
         return loss.item()
 
 
+class DeepSpeedBaselineLoop:
+    """What a DeepSpeed user writes by hand: the same model, AdamW, LR schedule and data as BaselineLoop,
+    ``deepspeed.initialize`` with the ZeRO-2 config dtrain generates for this run (batch sizes, clipping,
+    stage; the client AdamW, so no op is compiled), and DeepSpeed's documented loop: ``engine.backward``
+    and ``engine.step`` on every micro-batch, the engine finding the accumulation boundary itself."""
+
+    def __init__(self, cfg, device):
+        import deepspeed
+        import torch.distributed as dist
+        import torch.nn.functional as F
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        from dtrain.data.loader import build_dataset
+        from dtrain.models import build_model
+        from dtrain.optim import build_optimizer, build_scheduler
+        from dtrain.parallel.deepspeed_private import skip_shm_comm_compile
+        from dtrain.parallel.materialize import materialize
+
+        self.F = F
+        skip_shm_comm_compile()  # as dtrain does on a CPU: no shared-memory comm op to compile
+        model = build_model(cfg.model, cfg.trainer.seed)
+        materialize(model, device, cfg.trainer.seed)
+        optimizer = build_optimizer(model.named_parameters(), cfg.optim)
+        t, world = cfg.trainer, dist.get_world_size()
+        config = {"train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
+                  "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world),
+                  "gradient_clipping": t.grad_clip, "zero_optimization": {"stage": 2},
+                  "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, dist_init_required=False,
+            lr_scheduler=build_scheduler(optimizer, cfg.optim, t.max_steps))
+        dataset = build_dataset(cfg.data, "train")
+        sampler = DistributedSampler(dataset, seed=t.seed)
+        self.batches = iter(DataLoader(dataset, batch_size=t.global_batch_size // world, sampler=sampler,
+                                       drop_last=True))
+        self.micro = t.micro_batch_size
+
+    def step(self) -> float:
+        for chunk in next(self.batches).split(self.micro):
+            logits = self.engine(chunk[:, :-1])
+            loss = self.F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+            self.engine.backward(loss)
+            self.engine.step()  # an optimizer step (and LR step) only at the accumulation boundary
+        return loss.item()
+
+
+BASELINES = {"ddp": (OVERRIDES, BaselineLoop), "deepspeed": (DEEPSPEED_OVERRIDES, DeepSpeedBaselineLoop)}
+
+
 def bootstrap_median_interval(values: list[float], resamples: int = 2000) -> list[float]:
     """95% interval of the median by resampling the rounds (seeded, so the JSON is reproducible)."""
     rng = random.Random(0)
@@ -111,11 +168,12 @@ def worker(args: argparse.Namespace) -> None:
 
     env = discover_env()
     device = torch.device("cpu")
+    overrides, baseline_loop = BASELINES[args.baseline]
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config([*OVERRIDES, f"run.dir={run_dir}"], env.world_size)
+        cfg = load_config([*overrides, f"run.dir={run_dir}"], env.world_size)
         init_process_group(env, "gloo", device, 300)
         trainer = Trainer.build(cfg, env, device)
-        baseline = BaselineLoop(cfg, device)
+        baseline = baseline_loop(cfg, device)
         times: dict[str, list[float]] = {"baseline": [], "dtrain": []}
         round_ratios: list[float] = []
         loops = {"baseline": baseline.step, "dtrain": trainer.advance}
@@ -129,8 +187,8 @@ def worker(args: argparse.Namespace) -> None:
         trainer.logger.close()
         if env.is_rank_zero:
             base, ours = statistics.median(times["baseline"]), statistics.median(times["dtrain"])
-            result = {"benchmark": "overhead", "world_size": env.world_size, "backend": "gloo",
-                      "overrides": OVERRIDES, "rounds": args.rounds, "steps_per_round": args.steps,
+            result = {"benchmark": "overhead", "baseline": args.baseline, "world_size": env.world_size,
+                      "backend": "gloo", "overrides": overrides, "rounds": args.rounds, "steps_per_round": args.steps,
                       "baseline_step_s": base, "dtrain_step_s": ours,
                       "ratio": statistics.median(round_ratios),
                       "ratio_95ci": bootstrap_median_interval(round_ratios),

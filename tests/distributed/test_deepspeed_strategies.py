@@ -22,8 +22,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from dtrain.models.generate import generate
 from dtrain.strategies.state import checkpoint_mismatch
-from tests.distributed.test_parallel_strategies import (BIG_MICRO, LOSS_ATOL, NORM_RTOL, ONE_MICRO, STEPS, UNTIED,
+from tests.distributed.test_parallel_strategies import (BIG_MICRO, LOSS_ATOL, NORM_RTOL, ONE_MICRO, SEQ, STEPS, UNTIED,
                                                         VARIANT_STEPS, assert_matches, batches, every_rank, label, make,
                                                         outcome, padded_batches, run_chain, step, trajectory)
 from tests.helpers import spawn_workers
@@ -60,6 +61,7 @@ LAYOUTS = [["strategy=zero2"], ZERO3, PIPE, AUTOTP]
 # pairwise: each resumes the previous one's checkpoint and continues its steps
 PAIRS = [PIPE, [*ZERO3, *OFFLOAD], [*AUTOTP, "strategy.zero_stage=2"], ["strategy=zero1"]]
 CHAIN = [(["strategy=zero2"], 2), (["strategy=fsdp"], 2), (ZERO3, 1), (["strategy=ddp"], 2), (AUTOTP, 2)]
+SAMPLE_PROMPT = [5, 9, 13]
 # tensor- or pipeline-parallel 2 x data-parallel 2 (micro-batches of 4 and 2: one and two per rank)
 FOUR_RANKS = [
     (["strategy=zero2"], "tied"),
@@ -149,6 +151,13 @@ def _two_rank_worker(rank: int, world: int, refs: dict, root: str, out: str) -> 
     results["zero2 precision=bf16 @2"] = outcome(lambda: assert_matches(
         trajectory(["strategy=zero2", *UNTIED], world, batches(5), precision="bf16"), refs["bf16_5"], "zero2 bf16",
         loss_atol=1e-2, norm_rtol=2e-2))
+    # text sampling decodes on every rank in lockstep: ZeRO-3 gathers parameters, AutoTP's head is whole
+    for overrides in (ZERO3, AUTOTP):
+        strategy = make(overrides, world)
+        step(strategy, batches(1)[0])
+        tokens = generate(strategy.sampling_model(), SAMPLE_PROMPT, 6, SEQ, temperature=0.0)
+        strategy.teardown()
+        results[f"sample {label(overrides)}"] = outcome(lambda: _assert_same_tokens(tokens, refs["sample"]))
     for overrides, kind in SYNC:
         counts = _sync_counts(overrides, world, kind)
         results[f"{label(overrides)} syncs once"] = outcome(lambda: _assert_sync_once(counts, kind))
@@ -174,6 +183,10 @@ def _two_rank_worker(rank: int, world: int, refs: dict, root: str, out: str) -> 
     results = every_rank(results)
     if rank == 0:
         torch.save(results, out)
+
+
+def _assert_same_tokens(tokens: list[int], reference: list[int]) -> None:
+    assert tokens == reference, f"greedy sample {tokens} vs one process's {reference}"
 
 
 def _assert_refused(problem: str | None) -> None:
@@ -215,7 +228,11 @@ def _four_rank_worker(rank: int, world: int, refs: dict, out: str) -> None:
 @pytest.fixture(scope="module")
 def references() -> dict:
     data = batches()
-    return {"tied": trajectory(["strategy=single"], 1, data),
+    single = make(["strategy=single"], 1)
+    step(single, data[0])
+    sample = generate(single.sampling_model(), SAMPLE_PROMPT, 6, SEQ, temperature=0.0)
+    return {"sample": sample,
+            "tied": trajectory(["strategy=single"], 1, data),
             "tied_5": trajectory(["strategy=single"], 1, data[:5]),
             "untied_5": trajectory(["strategy=single", *UNTIED], 1, data[:5]),
             "padded": trajectory(["strategy=single", *UNTIED], 1, padded_batches()),
@@ -244,6 +261,11 @@ def four_ranks(references, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("case", [f"{label(o)} @2" for o, _ in TWO_RANKS + TWO_RANK_VARIANTS]
                          + [f"padded {label(o)} @2" for o in PADDED] + ["zero2 precision=bf16 @2"])
 def test_two_ranks_match_one_process(ranks, case):
+    assert ranks[case] is None, ranks[case]
+
+
+@pytest.mark.parametrize("case", [f"sample {label(o)}" for o in (ZERO3, AUTOTP)])
+def test_text_sampling_decodes_in_lockstep_like_one_process(ranks, case):
     assert ranks[case] is None, ranks[case]
 
 

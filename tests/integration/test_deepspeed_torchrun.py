@@ -1,7 +1,8 @@
 """A DeepSpeed run end to end through real torchrun, the unchanged trainer loop and checkpoint manager:
-a SIGTERM preemption commits and resumes bit-identically, ``dtrain ckpt`` reads the checkpoint like any
-other, and a checkpoint of another model is refused. The run trains with dropout and a data-loader
-worker, so an RNG stream that a resume does not restore would show in the losses."""
+background (async) saves commit, a SIGTERM preemption commits and resumes bit-identically, ``dtrain
+ckpt`` reads the checkpoint like any other, and a checkpoint of another model is refused. The run trains
+with dropout and a data-loader worker, so an RNG stream that a resume does not restore would show in
+the losses."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from dtrain.checkpoint.storage import Storage
 from tests.helpers import TINY, finish, read_metrics, start, torchrun, torchrun_args, wait_for_rows
 
 STEPS = 12
-COMMON = [*TINY, "model.dropout=0.1", "trainer.data_workers=1", "strategy=zero2", "checkpoint.interval_steps=0",
-          f"trainer.max_steps={STEPS}"]
+COMMON = [*TINY, "model.dropout=0.1", "trainer.data_workers=1", "strategy=zero2", "checkpoint.interval_steps=4",
+          "checkpoint.async_mode=thread", f"trainer.max_steps={STEPS}"]
 METRICS = {"step", "loss", "lr", "step_time_s", "data_wait_share", "grad_norm", "peak_mem_gib", "tokens_per_s",
            "model_flops_per_s_per_device"}
 
@@ -29,10 +30,11 @@ def losses(run_dir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted zero2 run on 2 ranks; its final checkpoint is committed at step 12."""
+    """An uninterrupted zero2 run on 2 ranks, saving in the background at steps 4 and 8, and at 12 (final)."""
     run_dir = tmp_path_factory.mktemp("zero2")
     result = torchrun(2, [*COMMON, f"run.dir={run_dir}"], timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert committed_steps(Storage(str(run_dir / "checkpoints"))) == [8, 12]  # keep_last=2
     return run_dir
 
 
@@ -46,17 +48,17 @@ def test_zero2_logs_the_same_metrics_as_every_strategy(reference):
 def test_sigterm_preempts_a_zero2_run_which_then_resumes_exactly(reference, tmp_path):
     overrides = [*COMMON, f"run.dir={tmp_path}"]
     proc = start(torchrun_args(2, overrides))
-    wait_for_rows(tmp_path, 4, proc, timeout=300)
+    wait_for_rows(tmp_path, 5, proc, timeout=300)
     proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     result = finish(proc, timeout=120)
     assert result.stderr.count("preempted by SIGTERM") == 2, result.stderr[-3000:]  # both workers saved and left
     assert time.monotonic() - sent < 30  # inside torchrun's shutdown window
-    committed = committed_steps(Storage(str(tmp_path / "checkpoints")))
-    assert len(committed) == 1 and 4 <= committed[0] < STEPS
+    preempted = committed_steps(Storage(str(tmp_path / "checkpoints")))[-1]
+    assert 5 <= preempted < STEPS
     resumed = torchrun(2, overrides, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"step_{committed[0]:08d}" in resumed.stderr.split("resumed from", 1)[1].splitlines()[0]
+    assert f"step_{preempted:08d}" in resumed.stderr.split("resumed from", 1)[1].splitlines()[0]
     expected, got = losses(reference), losses(tmp_path)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in got] == [expected[s] for s in got]  # bit-identical
