@@ -1,6 +1,8 @@
 """dtrain's ``ddp`` loop against a hand-written torch DDP loop doing the same work, per case, on 2 gloo ranks.
 
     python benchmarks/overhead.py --out benchmarks/results/overhead.json     # both cases; launches torchrun
+    python benchmarks/overhead.py --baseline deepspeed --out benchmarks/results/overhead_deepspeed.json
+                                  # dtrain's zero2 against a hand-written deepspeed.initialize loop
 
 Cases (``--case``; default: both):
 
@@ -252,7 +254,86 @@ class TorchDDPArm:
         return report
 
 
-BASELINES: dict[str, type] = {"ddp": TorchDDPArm}  # e.g. "deepspeed": a DeepSpeed engine loop
+class DeepSpeedArm(TorchDDPArm):
+    """What a DeepSpeed user writes by hand: ``deepspeed.initialize`` with a ZeRO-2 config for the same
+    batch sizes and clipping, the same AdamW and LR schedule as a client optimizer (no op compiled), and
+    DeepSpeed's documented loop, ``engine.backward`` and ``engine.step`` on every micro-batch with the
+    engine finding the accumulation boundary; the same token-weighted loss (``scale_wrt_gas=False``) and
+    sample order as dtrain's ``zero2``; checkpoints with ``engine.save_checkpoint``."""
+
+    name = "deepspeed"
+    strategy = "zero2"
+
+    def __init__(self, cfg: DictConfig, env: DistEnv, device: torch.device, dataset: Dataset, checkpoint_dir: Path,
+                 checkpoint_every: int, keep_last: int):
+        import deepspeed
+        import torch
+        import torch.distributed as dist
+        from torch.utils.data import DataLoader
+
+        from dtrain.data.loader import RankSliceSampler
+        from dtrain.models import build_model
+        from dtrain.optim import build_optimizer, build_scheduler
+        from dtrain.parallel.deepspeed_private import skip_shm_comm_compile
+        from dtrain.parallel.materialize import materialize
+
+        t = cfg.trainer
+        self.torch, self.dist = torch, dist
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        skip_shm_comm_compile()  # as dtrain does on a CPU
+        model = build_model(cfg.model, t.seed)
+        materialize(model, device, t.seed)
+        optimizer = build_optimizer(model.named_parameters(), cfg.optim)
+        config = {"train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
+                  "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * self.world),
+                  "gradient_clipping": t.grad_clip, "zero_optimization": {"stage": 2},
+                  "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, dist_init_required=False,
+            lr_scheduler=build_scheduler(optimizer, cfg.optim, t.max_steps))
+        sampler = RankSliceSampler(len(dataset), t.global_batch_size, self.rank, self.world, t.seed, start=0)
+        self.batches = iter(DataLoader(dataset, batch_sampler=sampler))
+        self.micro = t.micro_batch_size
+        self.checkpoint_dir, self.checkpoint_every, self.keep_last = checkpoint_dir, checkpoint_every, keep_last
+        self.steps_done = 0
+        self.saved_steps = []
+
+    def step(self) -> float:
+        torch, dist, engine = self.torch, self.dist, self.model
+        batch = next(self.batches)
+        count = (batch[:, 1:] != -100).sum()
+        dist.all_reduce(count)
+        scale = self.world / count.clamp(min=1).to(torch.float32)
+        total = torch.zeros(())
+        for micro_batch in batch.split(self.micro):
+            loss_sum = self._loss_sum(micro_batch)
+            engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            engine.step()  # the optimizer and LR step only at the accumulation boundary
+            total += loss_sum.detach()
+        dist.all_reduce(total)
+        loss = (total / count.clamp(min=1).to(torch.float32)).item()
+        self.steps_done += 1
+        if self.checkpoint_every and self.steps_done % self.checkpoint_every == 0:
+            self.save()
+        return loss
+
+    def save(self) -> None:
+        """DeepSpeed's own checkpoint; rank 0 then deletes all but the newest ``keep_last``."""
+        self.model.save_checkpoint(str(self.checkpoint_dir), tag=f"step_{self.steps_done:08d}")
+        self.saved_steps.append(self.steps_done)
+        if self.rank == 0:
+            for old in self.saved_steps[:-self.keep_last]:
+                shutil.rmtree(self.checkpoint_dir / f"step_{old:08d}", ignore_errors=True)
+
+    def close(self) -> dict[str, Any]:
+        report: dict[str, Any] = {"saved_steps": self.saved_steps}
+        if self.rank == 0 and self.saved_steps:
+            kept = sorted(p.name for p in self.checkpoint_dir.glob("step_*") if p.is_dir())
+            report["kept_at_end"] = [int(name.split("_")[1]) for name in kept]
+        return report
+
+
+BASELINES: dict[str, type] = {"ddp": TorchDDPArm, "deepspeed": DeepSpeedArm}
 
 
 # -- measurement ------------------------------------------------------------------------------------------
@@ -372,7 +453,9 @@ def run_case(case: Case, args: argparse.Namespace, env: DistEnv, device: torch.d
     steps = case.steps if args.steps is None else args.steps
     # --checkpoint-every changes the interval of a case that checkpoints; it adds none to one that does not
     every = args.checkpoint_every if case.checkpoint_every and args.checkpoint_every else case.checkpoint_every
-    overrides = [*case.overrides, *COMMON, f"checkpoint.interval_steps={every}",
+    strategy = getattr(BASELINES[args.baseline], "strategy", "ddp")  # dtrain runs what the baseline runs
+    common = [o if o != "strategy=ddp" else f"strategy={strategy}" for o in COMMON]
+    overrides = [*case.overrides, *common, f"checkpoint.interval_steps={every}",
                  f"checkpoint.keep_last={case.keep_last}"]
     folder = Path(shared_tempdir(env))
     try:

@@ -1,4 +1,5 @@
-"""Step time, memory and communication of every native strategy against ddp, on the same model and global batch.
+"""Step time, memory and communication of every strategy (native and DeepSpeed) against ddp, on the same model
+and global batch.
 
     python benchmarks/strategies.py --out benchmarks/results/strategies.json [--world 4] [--steps 5]
 
@@ -54,6 +55,12 @@ STRATEGIES: dict[str, list[str]] = {
     "pp_fsdp": ["strategy=pp_fsdp"],
     "pp_fsdp_interleaved": ["strategy=pp_fsdp", "strategy.pp_schedule=Interleaved1F1B"],
     "3d": ["strategy=3d", "strategy.dp_shard=-1"],
+    "zero1": ["strategy=zero1"],
+    "zero2": ["strategy=zero2"],
+    "zero3": ["strategy=zero3"],
+    "zero2_offload": ["strategy=zero2", "strategy.offload_optimizer=cpu"],
+    "ds_pp": ["strategy=ds_pp"],
+    "ds_tp": ["strategy=ds_tp"],
 }
 
 
@@ -71,6 +78,16 @@ def _storage_bytes(tensors) -> int:
             local = t._local_tensor if isinstance(t, DTensor) else t
             storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
     return sum(storages.values())
+
+
+def _deepspeed_tensors(strategy) -> list:
+    """What a DeepSpeed rank holds besides optimizer state: the module's parameters (ZeRO-3: their
+    partitions) and the base optimizer's flat fp32 partitions (ZeRO keeps them apart from the module's)."""
+    from dtrain.parallel.deepspeed_private import fp32_partitions
+
+    module = [getattr(p, "ds_tensor", p) for p in strategy.model.parameters()]
+    flats = [flat for _, flat in fp32_partitions(strategy.engine.optimizer)] if strategy.stage >= 1 else []
+    return module + flats
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], warmup: int, steps: int, out_dir: str) -> None:
@@ -98,10 +115,16 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], warmup: int,
         strategy.setup(build_model(cfg.model, 0), lambda named: build_optimizer(named, cfg.optim))
         batch = torch.randint(0, 256, (GLOBAL_BATCH, 129), generator=torch.Generator().manual_seed(0))
         local = batch.chunk(strategy.dp_size)[strategy.dp_rank]
-        params = optimizer_params(strategy.optimizer)
-        grads: dict[str, int] = {}
-        strategy.optimizer.register_step_pre_hook(
-            lambda *_: grads.__setitem__("bytes", _storage_bytes(p.grad for p in params)))
+        deepspeed = hasattr(strategy, "engine")
+        params = _deepspeed_tensors(strategy) if deepspeed else optimizer_params(strategy.optimizer)
+        grads: dict[int, int] = {}  # storage -> bytes; ZeRO steps its flat partitions one param group at a time
+
+        def record_grads(*_) -> None:
+            for p in [*params, *(strategy.model.parameters() if deepspeed else [])]:
+                if p.grad is not None:
+                    grads[p.grad.untyped_storage().data_ptr()] = p.grad.untyped_storage().nbytes()
+
+        strategy.optimizer.register_step_pre_hook(record_grads)
         for _ in range(warmup):
             strategy.train_step(local)
         times = []
@@ -112,16 +135,17 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], warmup: int,
             times.append(time.perf_counter() - start)
         with CommCounter() as counter:
             strategy.train_step(local)
-        state = _storage_bytes(params) + grads["bytes"] + _storage_bytes(
+        state = _storage_bytes(params) + sum(grads.values()) + _storage_bytes(
             v for s in strategy.optimizer.state.values() for k, v in s.items() if k != "step")
         dims = parallel_dims(cfg.strategy.name, cfg.strategy, world)
-        estimate = estimate_rank_memory(cfg, dims, rank, local_numel_and_bytes(params)[1])
+        # the dry run's estimate exists for the native layouts only
+        estimate = dims and estimate_rank_memory(cfg, dims, rank, local_numel_and_bytes(params)[1])
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        layout = dims.describe() if dims else " x ".join(f"{k}={v}" for k, v in vars(strategy.layout).items() if v > 1)
         result = {"rank": rank, "step_time_s": statistics.median(times), "state_bytes": state,
-                  "estimated_state_bytes": estimate.params + estimate.grads + estimate.optimizer,
-                  "estimated_activation_bytes": estimate.activations,
-                  "peak_rss_delta_bytes": peak_rss - rss_before, "comm": counter.summary(),
-                  "layout": dims.describe()}
+                  "estimated_state_bytes": estimate and estimate.params + estimate.grads + estimate.optimizer,
+                  "estimated_activation_bytes": estimate and estimate.activations,
+                  "peak_rss_delta_bytes": peak_rss - rss_before, "comm": counter.summary(), "layout": layout}
         Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
         strategy.teardown()
     finally:
@@ -161,7 +185,7 @@ def summarize(ranks: list[dict]) -> dict:
     return {"layout": ranks[0]["layout"],
             "step_time_s": max(r["step_time_s"] for r in ranks),
             "state_bytes_per_rank_max": max(r["state_bytes"] for r in ranks),
-            "estimated_state_bytes_per_rank_max": max(r["estimated_state_bytes"] for r in ranks),
+            "estimated_state_bytes_per_rank_max": max((r["estimated_state_bytes"] or 0 for r in ranks)) or None,
             "estimated_activation_bytes_per_rank_max": max(r["estimated_activation_bytes"] or 0 for r in ranks),
             "peak_rss_delta_bytes_per_rank_max": max(r["peak_rss_delta_bytes"] for r in ranks),
             "comm_bytes_per_rank_max": max(sum(v["bytes"] for v in r["comm"].values()) for r in ranks),

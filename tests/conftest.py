@@ -39,6 +39,21 @@ def serve_on_free_port(command_for_port, what: str, timeout: float):
     proc.wait()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_extensions_dir(tmp_path_factory):
+    """Ops that DeepSpeed (or torch) JIT-compiles go to TORCH_EXTENSIONS_DIR, and a compile killed half-way
+    leaves a lock there that makes every later build wait forever. Each test session, and every process it
+    starts, gets a folder of its own, so a stale lock from an earlier run can never hang CI (and the
+    DeepSpeed tests check that nothing was compiled into it at all)."""
+    previous = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch_extensions"))
+    yield
+    if previous is None:
+        os.environ.pop("TORCH_EXTENSIONS_DIR", None)
+    else:
+        os.environ["TORCH_EXTENSIONS_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch):
     """No launcher variables leak in from the outside (a CI job under Slurm, say); all restored after."""

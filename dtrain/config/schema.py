@@ -86,6 +86,13 @@ class StrategyConfig:
     pp_layers_per_stage: Optional[list[int]] = None  # explicit split (one count per stage); None: even
     activation_checkpointing: str = "none"  # none | full | selective
     compile: bool = False
+    # DeepSpeed (strategy=zero1|zero2|zero3|ds_pp|ds_tp); see dtrain.strategies.deepspeed_config
+    zero_stage: Optional[int] = None  # ZeRO stage 0-3; None: the strategy's own (zeroN: N; ds_pp, ds_tp: 1)
+    offload_optimizer: str = "none"  # none | cpu: optimizer state and its step on the CPU (ZeRO stage >= 1)
+    offload_param: str = "none"  # none | cpu: parameters on the CPU between uses (ZeRO stage 3 only)
+    # raw DeepSpeed keys merged over the config dtrain generates; one that contradicts a dtrain setting is
+    # an error (add keys with +strategy.ds_config.KEY=VALUE)
+    ds_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from dtrain.distributed.env import DistEnv
 from dtrain.strategies.base import StepResult, StepSpec, Strategy
+from dtrain.strategies.deepspeed_config import DEEPSPEED_STRATEGIES
 
 __all__ = ["STRATEGIES", "StepResult", "StepSpec", "Strategy", "build_strategy", "check_strategy",
            "data_parallel_size"]
@@ -28,7 +29,10 @@ STRATEGIES: dict[str, str] = {
     "pp": "dtrain.strategies.pipeline:PipelineStrategy",
     "pp_fsdp": "dtrain.strategies.pipeline:PipelineStrategy",
     "3d": "dtrain.strategies.pipeline:PipelineStrategy",
+    **{name: "dtrain.strategies.deepspeed:DeepSpeedStrategy" for name in DEEPSPEED_STRATEGIES},
 }
+# DeepSpeed-only knobs and the value that means "not used"
+_DEEPSPEED_KNOBS = {"zero_stage": None, "offload_optimizer": "none", "offload_param": "none", "ds_config": {}}
 
 
 def _strategy_class(name: str) -> type:
@@ -43,6 +47,10 @@ def check_strategy(cfg: DictConfig, world_size: int) -> list[str]:
         return [f"unknown strategy.name '{name}'; choose one of: {', '.join(STRATEGIES)}"]
     cls = _strategy_class(name)
     problems = cls.check_config(name, cfg.strategy, world_size)
+    if name not in DEEPSPEED_STRATEGIES:
+        problems += [f"strategy.{key}={cfg.strategy.get(key)} is a DeepSpeed setting that strategy={name} would "
+                     f"ignore; remove it or use strategy={'|'.join(DEEPSPEED_STRATEGIES)}"
+                     for key, unused in _DEEPSPEED_KNOBS.items() if cfg.strategy.get(key) != unused]
     if not problems and hasattr(cls, "check_fit"):
         # optional: checks that need the model, data and batch too (heads vs tp, layers vs stages, ...)
         problems = cls.check_fit(name, cfg, world_size)

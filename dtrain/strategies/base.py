@@ -57,7 +57,8 @@ class Strategy(Protocol):
         """Mean token loss of a validation batch, averaged over the data-parallel ranks."""
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"model": ..., "optim": ...}`` in torch.distributed.checkpoint form (sharded where sharded)."""
+        """``{"model": ..., "optim": ...}`` in torch.distributed.checkpoint form (sharded where sharded).
+        Collective: every rank calls it (a DeepSpeed strategy assembles parameters across ranks)."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 

@@ -21,9 +21,18 @@ OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 def get_model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Not read-only: on an optimizer that has not stepped yet, torch's get_state_dict creates its state
-    with a zero-gradient step (Adam's step count becomes 1). Call it on every rank or on none, and only
-    when the state is really needed (a save, or a resume that found a step)."""
+    with a zero-gradient step (its step counters are set back to 0 below, the moments stay zero). Call it
+    on every rank or on none, and only when the state is really needed (a save, or a resume that found a
+    step)."""
+    fresh = not optimizer.state
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
+    if fresh:
+        # torch creates missing optimizer state by one step with zero gradients at lr 0, which counts as a
+        # step: AdamW's bias correction would then treat the first real step as its second. The trainer
+        # asks for a template before every run, resumed or not, so set the counters back.
+        for values in optimizer.state.values():
+            if torch.is_tensor(values.get("step")):
+                values["step"].zero_()
     return {"model": model_state, "optim": optim_state}
 
 

@@ -85,3 +85,20 @@ def test_checkpoint_case_saved_and_committed_inside_the_timed_window(result):
     assert c["checkpoints"][baseline]["kept_at_end"] == every_due[-KEEP_LAST:]
     assert all(c[key][arm] > 0 for key in ("save_step_s", "plain_step_s") for arm in ("dtrain", baseline))
     assert result["cases"]["default"]["checkpoints"] is None
+
+
+def test_deepspeed_baseline_does_the_same_work(tmp_path):
+    """``--baseline deepspeed``: dtrain's zero2 against a hand-written deepspeed.initialize loop, same losses."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "overhead_deepspeed.json"
+    proc = run_cmd([sys.executable, "benchmarks/overhead.py", "--baseline", "deepspeed", "--case", "small",
+                    "--out", str(out), "--rounds", "1", "--steps", str(STEPS), "--checkpoint-every", str(EVERY)],
+                   timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = json.loads(out.read_text())["cases"]["small"]
+    assert c["baseline"] == "deepspeed" and "strategy=zero2" in c["overrides"]
+    ours, theirs = c["losses"]["dtrain"], c["losses"]["deepspeed"]
+    assert len(ours) == len(theirs) == 2 * STEPS and ours[-1] < ours[0]
+    assert c["max_abs_loss_diff"] < 1e-5, (ours, theirs)
+    assert c["checkpoints"]["deepspeed"]["saved_steps"] == c["checkpoints"]["dtrain"]["saved_steps"] == [2, 4, 6, 8]
+    assert len(c["round_ratios"]) == 1 and c["ratio"] > 0

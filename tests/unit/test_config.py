@@ -11,7 +11,8 @@ from dtrain.config.validate import load_config
 GROUPS = ("model", "data", "strategy", "optim", "logging", "hardware", "experiment", "launcher")
 NEEDS = {("data", "memmap"): ["data.train_path=/dev/null"]}  # validated separately below
 # the smallest world each strategy's default degrees fit
-WORLD = {"ddp": 2, "fsdp": 2, "hsdp": 4, "tp": 2, "fsdp_tp": 4, "pp": 2, "pp_fsdp": 4, "3d": 8}
+WORLD = {"ddp": 2, "fsdp": 2, "hsdp": 4, "tp": 2, "fsdp_tp": 4, "pp": 2, "pp_fsdp": 4, "3d": 8, "zero1": 2, "zero2": 2,
+         "zero3": 2, "ds_pp": 2, "ds_tp": 2}
 
 
 def options(group):
@@ -55,8 +56,8 @@ def test_all_problems_reported_together():
 
 
 @pytest.mark.parametrize("overrides,world,expected", [
-    (["strategy=foo"], 1, "unknown strategy 'foo'; choose one of: 3d, ddp, fsdp, fsdp_tp, hsdp, pp, pp_fsdp, "
-                          "single, tp"),
+    (["strategy=foo"], 1, "unknown strategy 'foo'; choose one of: 3d, ddp, ds_pp, ds_tp, fsdp, fsdp_tp, hsdp, pp, "
+                          "pp_fsdp, single, tp, zero1, zero2, zero3"),
     (["trainer.global_batch_size=12", "trainer.micro_batch_size=4"], 2,
      "global_batch_size=12 is not divisible by micro_batch_size x data-parallel size = 4 x 2 = 8"),
     (["strategy=single"], 2, "strategy=single runs one process but the world size is 2"),
