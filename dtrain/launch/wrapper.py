@@ -207,11 +207,10 @@ class TorchrunSupervisor:
             return
         markers = exit_codes.read_markers(self.exit_dir)
         if any(exit_codes.CONFIG_ERROR in codes.values() for codes in markers.values()):
+            # at once: a marker is written after the reporting rank printed its message, and torchrun
+            # restarts a failed group within a fraction of a second (a 3 s pause let the restarted
+            # workers report the same error again)
             self._stopped_for_config_error = True
-            time.sleep(3.0)  # the reporting rank's siblings linger 2 s so its message gets out
-            self._reap()
-            if self.agent_code is not None:
-                return
             try:
                 os.kill(self.agent.pid, signal.SIGTERM)
             except ProcessLookupError:

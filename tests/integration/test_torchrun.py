@@ -48,8 +48,8 @@ def test_quickstart_shape_run_prints_a_sample(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["strategy=nope"], "unknown strategy 'nope'; choose one of: 3d, ddp, fsdp, fsdp_tp, hsdp, pp, pp_fsdp, "
-                        "single, tp"),
+    (["strategy=nope"], "unknown strategy 'nope'; choose one of: 3d, ddp, ds_pp, ds_tp, fsdp, fsdp_tp, hsdp, pp, "
+                        "pp_fsdp, single, tp, zero1, zero2, zero3"),
     (["trainer.global_batch_size=6"], "trainer.global_batch_size=6 is not divisible by micro_batch_size x "
                                       "data-parallel size = 2 x 2 = 4"),
     (["strategy=single"], "strategy=single runs one process but the world size is 2"),
