@@ -122,7 +122,8 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], warmup: int,
         def record_grads(*_) -> None:
             for p in [*params, *(strategy.model.parameters() if deepspeed else [])]:
                 if p.grad is not None:
-                    grads[p.grad.untyped_storage().data_ptr()] = p.grad.untyped_storage().nbytes()
+                    grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # DTensor: this rank's shard
+                    grads[grad.untyped_storage().data_ptr()] = grad.untyped_storage().nbytes()
 
         strategy.optimizer.register_step_pre_hook(record_grads)
         for _ in range(warmup):
@@ -133,6 +134,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], warmup: int,
             start = time.perf_counter()
             strategy.train_step(local).loss.item()
             times.append(time.perf_counter() - start)
+        grads.clear()  # the gradients of the measured step only (set_to_none makes new ones every step)
         with CommCounter() as counter:
             strategy.train_step(local)
         state = _storage_bytes(params) + sum(grads.values()) + _storage_bytes(
