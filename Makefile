@@ -10,7 +10,7 @@ setup-dev:
 quickstart: setup
 	.venv/bin/torchrun --standalone --nproc-per-node=2 -m dtrain experiment=quickstart
 
-# the suite CI runs (~12 min on 2 cores); `test-all` adds the slow variants (every pipeline schedule,
+# the suite CI runs (~20 min on 2 cores); `test-all` adds the slow variants (every pipeline schedule,
 # activation checkpointing, compile, ...: another ~5 min)
 test: setup-dev
 	.venv/bin/python -m pytest -q -m "not slow"
