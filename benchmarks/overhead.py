@@ -172,14 +172,26 @@ class TorchDDPArm:
 
     def __init__(self, cfg: DictConfig, env: DistEnv, device: torch.device, dataset: Dataset, checkpoint_dir: Path,
                  checkpoint_every: int, keep_last: int):
+        from torch.nn.parallel import DistributedDataParallel
+
+        from dtrain.optim import build_optimizer, build_scheduler
+
+        model = self._model_data_and_checkpoints(cfg, device, dataset, checkpoint_dir, checkpoint_every, keep_last)
+        self.optimizer = build_optimizer(model.named_parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        self.model = DistributedDataParallel(model, bucket_cap_mb=cfg.strategy.bucket_cap_mb,
+                                             gradient_as_bucket_view=True)
+        self.write_threads = cfg.checkpoint.write_threads
+
+    def _model_data_and_checkpoints(self, cfg: DictConfig, device: torch.device, dataset: Dataset,
+                                    checkpoint_dir: Path, checkpoint_every: int, keep_last: int) -> torch.nn.Module:
+        """What every hand-written arm shares: dtrain's initial weights, its sample order, the checkpoint plan."""
         import torch
         import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
         from torch.utils.data import DataLoader
 
         from dtrain.data.loader import RankSliceSampler
         from dtrain.models import build_model
-        from dtrain.optim import build_optimizer, build_scheduler
         from dtrain.parallel.materialize import materialize
 
         t = cfg.trainer
@@ -187,17 +199,13 @@ class TorchDDPArm:
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         model = build_model(cfg.model, t.seed)
         materialize(model, device, t.seed)
-        self.optimizer = build_optimizer(model.named_parameters(), cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
-        self.model = DistributedDataParallel(model, bucket_cap_mb=cfg.strategy.bucket_cap_mb,
-                                             gradient_as_bucket_view=True)
         sampler = RankSliceSampler(len(dataset), t.global_batch_size, self.rank, self.world, t.seed, start=0)
         self.batches = iter(DataLoader(dataset, batch_sampler=sampler))
         self.micro, self.clip = t.micro_batch_size, t.grad_clip if t.grad_clip > 0 else float("inf")
         self.checkpoint_dir, self.checkpoint_every, self.keep_last = checkpoint_dir, checkpoint_every, keep_last
-        self.write_threads = cfg.checkpoint.write_threads
         self.steps_done = 0
         self.saved_steps: list[int] = []
+        return model
 
     def _loss_sum(self, micro_batch: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
@@ -267,23 +275,14 @@ class DeepSpeedArm(TorchDDPArm):
     def __init__(self, cfg: DictConfig, env: DistEnv, device: torch.device, dataset: Dataset, checkpoint_dir: Path,
                  checkpoint_every: int, keep_last: int):
         import deepspeed
-        import torch
-        import torch.distributed as dist
-        from torch.utils.data import DataLoader
 
-        from dtrain.data.loader import RankSliceSampler
-        from dtrain.models import build_model
         from dtrain.optim import build_optimizer, build_scheduler
         from dtrain.parallel.deepspeed_private import skip_shm_comm_compile
-        from dtrain.parallel.materialize import materialize
 
-        t = cfg.trainer
-        self.torch, self.dist = torch, dist
-        self.world, self.rank = dist.get_world_size(), dist.get_rank()
         skip_shm_comm_compile()  # as dtrain does on a CPU
-        model = build_model(cfg.model, t.seed)
-        materialize(model, device, t.seed)
+        model = self._model_data_and_checkpoints(cfg, device, dataset, checkpoint_dir, checkpoint_every, keep_last)
         optimizer = build_optimizer(model.named_parameters(), cfg.optim)
+        t = cfg.trainer
         config = {"train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
                   "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * self.world),
                   "gradient_clipping": t.grad_clip, "zero_optimization": {"stage": 2},
@@ -291,12 +290,6 @@ class DeepSpeedArm(TorchDDPArm):
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False,
             lr_scheduler=build_scheduler(optimizer, cfg.optim, t.max_steps))
-        sampler = RankSliceSampler(len(dataset), t.global_batch_size, self.rank, self.world, t.seed, start=0)
-        self.batches = iter(DataLoader(dataset, batch_sampler=sampler))
-        self.micro = t.micro_batch_size
-        self.checkpoint_dir, self.checkpoint_every, self.keep_last = checkpoint_dir, checkpoint_every, keep_last
-        self.steps_done = 0
-        self.saved_steps = []
 
     def step(self) -> float:
         torch, dist, engine = self.torch, self.dist, self.model
