@@ -1,6 +1,6 @@
 """Chaos soak: N random kill -9 / SIGTERM events on a 2-rank run, each followed by a relaunch.
 
-    python benchmarks/chaos.py --kills 200 --out benchmarks/results/chaos.json   # ~40 min on 2 quiet cores
+    python benchmarks/chaos.py --kills 200 --out benchmarks/results/chaos.json   # ~24 min on 2 quiet cores
 
 Runs go from step 0 to ``--max-steps`` (checkpoints every ``--interval``, keep 2, dropout on so any
 RNG stream a resume failed to restore would show), alternating local disk and S3 (moto's server on
