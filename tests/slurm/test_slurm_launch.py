@@ -113,7 +113,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_metrics(run_dir)}
 
 
-STEPS = 24
+STEPS = 120  # long enough that the signal lands mid-run on a fast machine (24 steps could finish first)
 TRAIN = [*TINY, "model.dropout=0.1", "checkpoint.interval_steps=0", f"trainer.max_steps={STEPS}"]
 
 
