@@ -232,12 +232,23 @@ class TorchDDPArm:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        dist.all_reduce(total)
-        loss = (total / count.clamp(min=1).to(torch.float32)).item()
+        return self._end_step(total, count)
+
+    def _end_step(self, total: torch.Tensor, count: torch.Tensor) -> float:
+        """The global token-mean loss of the step for logging, then a save when one is due."""
+        self.dist.all_reduce(total)
+        loss = (total / count.clamp(min=1).to(self.torch.float32)).item()
         self.steps_done += 1
         if self.checkpoint_every and self.steps_done % self.checkpoint_every == 0:
             self.save()
         return loss
+
+    def _prune(self) -> None:
+        """Record the save just made; rank 0 deletes all but the newest ``keep_last``."""
+        self.saved_steps.append(self.steps_done)
+        if self.rank == 0:
+            for old in self.saved_steps[:-self.keep_last]:
+                shutil.rmtree(self.checkpoint_dir / f"step_{old:08d}", ignore_errors=True)
 
     def save(self) -> None:
         """Model + optimizer (+ step) with plain DCP; rank 0 then deletes all but the newest ``keep_last``."""
@@ -249,10 +260,7 @@ class TorchDDPArm:
         writer = dcp.FileSystemWriter(self.checkpoint_dir / f"step_{self.steps_done:08d}",
                                       thread_count=self.write_threads)
         dcp.save(state, storage_writer=writer)  # every rank returns after rank 0 wrote .metadata
-        self.saved_steps.append(self.steps_done)
-        if self.rank == 0:
-            for old in self.saved_steps[:-self.keep_last]:
-                shutil.rmtree(self.checkpoint_dir / f"step_{old:08d}", ignore_errors=True)
+        self._prune()
 
     def close(self) -> dict[str, Any]:
         report: dict[str, Any] = {"saved_steps": self.saved_steps}
@@ -303,20 +311,12 @@ class DeepSpeedArm(TorchDDPArm):
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
             engine.step()  # the optimizer and LR step only at the accumulation boundary
             total += loss_sum.detach()
-        dist.all_reduce(total)
-        loss = (total / count.clamp(min=1).to(torch.float32)).item()
-        self.steps_done += 1
-        if self.checkpoint_every and self.steps_done % self.checkpoint_every == 0:
-            self.save()
-        return loss
+        return self._end_step(total, count)
 
     def save(self) -> None:
         """DeepSpeed's own checkpoint; rank 0 then deletes all but the newest ``keep_last``."""
         self.model.save_checkpoint(str(self.checkpoint_dir), tag=f"step_{self.steps_done:08d}")
-        self.saved_steps.append(self.steps_done)
-        if self.rank == 0:
-            for old in self.saved_steps[:-self.keep_last]:
-                shutil.rmtree(self.checkpoint_dir / f"step_{old:08d}", ignore_errors=True)
+        self._prune()
 
     def close(self) -> dict[str, Any]:
         report: dict[str, Any] = {"saved_steps": self.saved_steps}
