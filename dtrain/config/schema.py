@@ -47,7 +47,7 @@ class TrainerConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = "auto"  # auto | gloo | nccl
+    backend: str = "auto"  # auto | gloo | nccl | fake (rank 0 alone, collectives do nothing: a study reference)
     timeout_s: float = 600.0
 
 
@@ -169,6 +169,7 @@ class HardwareConfig:
     nvlink_gbps_per_gpu: Optional[float] = None  # per direction
     nic_gbps_per_gpu: Optional[float] = None
     compute_slots_per_node: Optional[int] = None
+    corun_slowdown: Optional[float] = None
     async_device: Optional[bool] = None
     matmul_efficiency: Optional[float] = None
     memory_efficiency: Optional[float] = None

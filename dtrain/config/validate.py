@@ -53,7 +53,7 @@ def check_choices(cfg: DictConfig, world_size: int) -> list[str]:
     problems = []
     for key, value, valid in (("trainer.precision", cfg.trainer.precision, ("fp32", "bf16")),
                               ("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda")),
-                              ("dist.backend", cfg.dist.backend, ("auto", "gloo", "nccl")),
+                              ("dist.backend", cfg.dist.backend, ("auto", "gloo", "nccl", "fake")),
                               ("optim.name", cfg.optim.name, OPTIMIZERS),
                               ("optim.schedule", cfg.optim.schedule, SCHEDULES),
                               ("logging.progress", cfg.logging.progress, ("auto", "bar", "lines", "off"))):
@@ -61,6 +61,11 @@ def check_choices(cfg: DictConfig, world_size: int) -> list[str]:
             problems.append(f"{key}={value} is not one of: {', '.join(valid)}")
     if cfg.dist.backend == "nccl" and cfg.trainer.device == "cpu":
         problems.append("dist.backend=nccl needs CUDA tensors but trainer.device=cpu; use dist.backend=gloo")
+    if cfg.dist.backend == "fake" and (cfg.checkpoint.interval_steps or cfg.checkpoint.save_final):
+        # fake: one process plays rank 0 of WORLD_SIZE, collectives return at once (a scaling study's
+        # reference for the per-rank work); its weights are not a real run's and its shards not a whole
+        problems.append("dist.backend=fake runs one rank alone with collectives that do nothing: it must not "
+                        "write checkpoints; set checkpoint.interval_steps=0 checkpoint.save_final=false")
     return problems
 
 

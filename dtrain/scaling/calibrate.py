@@ -6,8 +6,10 @@ The same projection that runs on GPU presets runs on this machine once its numbe
   over GEMM shapes of the models measured here -> ``peak_tflops`` (``matmul_efficiency`` 1: measured,
   not a datasheet peak);
 - memory: the bandwidth of a large copy by one thread -> ``hbm_gbps`` (``memory_efficiency`` 1);
-- links: all-reduces between 2 gloo processes over loopback, 4 KiB to 16 MiB, fitted to the ring
-  model ``t = 2 alpha + bytes / beta`` -> ``nvlink_gbps_per_gpu`` = beta, ``nvlink_latency_us`` = alpha
+- links: all-reduces between 2 gloo processes over loopback, 4 KiB to 16 MiB, each after a little
+  compute of uneven length on both ranks (as in a step), mean times (a step pays the sum of its
+  collectives, slow tail included), fitted to the ring model ``t = 2 alpha + bytes / beta`` ->
+  ``nvlink_gbps_per_gpu`` = beta, ``nvlink_latency_us`` = alpha
   (all ranks share one host: one "node" of ``gpus_per_node`` = 64 ranks);
 - the cost every kernel adds on a CPU (eager dispatch, autograd, the optimizer's per-tensor work):
   ``kernel_overhead_us``: a microbenchmark of a small op's forward and backward;
@@ -15,7 +17,10 @@ The same projection that runs on GPU presets runs on this machine once its numbe
   instead fitted to the study's single-rank training steps (least squares on relative errors): the
   microbenchmarks of a shared machine swing by 2x from minute to minute, and the 1-rank steps are what
   the multi-rank points are compared with.
-- ``compute_slots_per_node`` = the CPU count: more ranks than cores share them.
+- ``compute_slots_per_node`` = the CPU count: more ranks than cores share them;
+- ``corun_slowdown``: the same small forward and backward in one process alone and in one process per
+  core at once (shared caches, memory bandwidth and clock): how much slower each rank computes when
+  every core is busy.
 
 With ``async_device: false`` the projection adds dispatch overhead to each kernel and lets nothing
 hide (gloo's threads share the cores). The 2- and 4-rank points of the same study are then the test:
@@ -84,25 +89,88 @@ def measure_op_overhead() -> float:
     return _best(step) / 100  # 50 forward + 50 backward ops
 
 
+def _corun_worker(barrier: Any, results: Any) -> None:
+    """A training step in miniature (a transformer MLP block of the studied models' width: GEMMs,
+    element-wise ops, autograd, AdamW) for 3 s after every co-runner is ready; puts the rate (steps/s).
+    Small ops matter: co-running ranks slow dispatch-heavy steps more than large GEMMs."""
+    import torch
+
+    torch.set_num_threads(1)
+    layer = torch.nn.Sequential(torch.nn.LayerNorm(256), torch.nn.Linear(256, 1024), torch.nn.GELU(),
+                                torch.nn.Linear(1024, 256))
+    optimizer = torch.optim.AdamW(layer.parameters())
+    x = torch.randn(256, 256)
+
+    def step() -> None:
+        layer(x).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(5):
+        step()
+    barrier.wait()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 3.0:
+        step()
+        count += 1
+    results.put(count / (time.perf_counter() - start))
+
+
+def measure_corun_slowdown(processes: int) -> float:
+    """How much slower one rank computes when ``processes`` ranks compute at once (one thread each):
+    the co-runners share caches, memory bandwidth and the clock budget, and past the core count the cores
+    themselves. The median rate alone over the median rate of each co-runner."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+
+    def rate(count: int) -> float:
+        barrier, results = context.Barrier(count), context.Queue()
+        workers = [context.Process(target=_corun_worker, args=(barrier, results)) for _ in range(count)]
+        for worker in workers:
+            worker.start()
+        rates = [results.get(timeout=120) for _ in workers]
+        for worker in workers:
+            worker.join()
+        return statistics.median(rates)
+
+    return statistics.median(rate(1) / rate(processes) for _ in range(3))
+
+
 def _allreduce_worker(rank: int, port: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    generator = torch.Generator().manual_seed(rank)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
     times = {}
     for nbytes in ALLREDUCE_BYTES:
         tensor = torch.ones(nbytes // 4)
-        dist.barrier()
-        times[nbytes] = _best(lambda: dist.all_reduce(tensor), repeats=7, number=3)
+        for _ in range(3):
+            dist.all_reduce(tensor)
+        calls = 100 if nbytes <= 64 << 10 else 20
+        samples = []
+        for _ in range(calls):
+            # as in a training step, each rank computes a while (0-2 ms, not the same on both) before the
+            # collective: the peer arrives late, gloo's threads have gone to sleep and must wake up
+            for _ in range(int(torch.randint(0, 6, (1,), generator=generator))):
+                a @ b
+            start = time.perf_counter()
+            dist.all_reduce(tensor)
+            samples.append(time.perf_counter() - start)
+        # the mean, slow tail included: a step pays the sum of its collectives (on a VM the latency of a
+        # small one swings from 0.2 to several ms with how fast the peer's threads wake up)
+        times[nbytes] = statistics.fmean(samples)
     if rank == 0:
         Path(out).write_text(json.dumps(times))
     dist.destroy_process_group()
 
 
 def measure_gloo_link() -> tuple[float, float, dict[int, float]]:
-    """(alpha seconds, beta bytes/s, raw times) of a 2-rank gloo all-reduce, t = 2 alpha + bytes / beta:
-    beta from the slope between the two largest messages, alpha from the smallest."""
+    """(alpha seconds, beta bytes/s, raw times) of a 2-rank gloo all-reduce, t = 2 alpha + bytes / beta
+    (mean times): beta from the slope between the two largest messages, alpha from the two smallest."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -116,7 +184,7 @@ def measure_gloo_link() -> tuple[float, float, dict[int, float]]:
     sizes = sorted(times)
     big, bigger = sizes[-2], sizes[-1]
     beta = (bigger - big) / max(times[bigger] - times[big], 1e-9)
-    alpha = max(times[sizes[0]] - sizes[0] / beta, 1e-6) / 2
+    alpha = max(statistics.fmean(times[s] - s / beta for s in sizes[:2]), 1e-6) / 2
     return alpha, beta, times
 
 
@@ -180,17 +248,19 @@ def calibrate(results_path: Path | None) -> tuple[dict[str, Any], dict[str, Any]
     copy = measure_copy_bandwidth()
     alpha, beta, allreduce_times = measure_gloo_link()
     op = measure_op_overhead()
+    cpus = os.cpu_count() or 1
+    corun = max(1.0, measure_corun_slowdown(cpus)) if cpus > 1 else 1.0
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     preset: dict[str, Any] = {
         "peak_tflops": gemm / 1e12, "peak_tflops_fp32": gemm / 1e12, "hbm_gib": round(memory_gib, 1),
         "hbm_gbps": copy / 1e9, "gpus_per_node": 64, "nvlink_gbps_per_gpu": beta / 1e9, "nic_gbps_per_gpu": beta / 1e9,
-        "compute_slots_per_node": os.cpu_count() or 1, "async_device": False, "matmul_efficiency": 1.0,
+        "compute_slots_per_node": cpus, "corun_slowdown": corun, "async_device": False, "matmul_efficiency": 1.0,
         "memory_efficiency": 1.0, "nvlink_efficiency": 1.0, "nic_efficiency": 1.0, "nvlink_latency_us": alpha * 1e6,
         "nic_latency_us": alpha * 1e6, "kernel_overhead_us": op * 1e6, "flash_attention_efficiency": 1.0,
         "attention": "flash"}
     report: dict[str, Any] = {"gemm_flops": gemm, "copy_bytes_per_s": copy, "gloo_alpha_s": alpha,
                               "gloo_beta_bytes_per_s": beta, "gloo_allreduce_s": allreduce_times,
-                              "op_overhead_s": op, "cpus": os.cpu_count()}
+                              "op_overhead_s": op, "corun_slowdown": corun, "cpus": cpus}
     if results_path is not None:
         preset, rows = fit_compute(preset, json.loads(results_path.read_text()))
         report["single_rank_fit"] = rows
@@ -207,7 +277,8 @@ def write_preset(path: Path, preset: dict[str, Any], report: dict[str, Any], com
               + f"# Microbenchmarks, one thread per rank: GEMM {report['gemm_flops'] / 1e9:.1f} GFLOP/s, copy "
               f"{report['copy_bytes_per_s'] / 1e9:.2f} GB/s, gloo all-reduce alpha "
               f"{report['gloo_alpha_s'] * 1e6:.0f} us beta {report['gloo_beta_bytes_per_s'] / 1e9:.2f} GB/s, "
-              f"{report['cpus']} CPUs.\n# Timings on a shared machine are noisy: recalibrate on the machine you "
+              f"co-run slowdown {report.get('corun_slowdown', 1.0):.2f}, {report['cpus']} CPUs.\n"
+              "# Timings on a shared machine are noisy: recalibrate on the machine you "
               "project for.\n")
     body = yaml.safe_dump({"defaults": ["hardware_schema"], "name": path.stem, "peak_flops_per_device": None,
                            **rounded}, sort_keys=False)

@@ -55,6 +55,9 @@ DEFAULTS: dict[str, Any] = {
     "nvlink_gbps_per_gpu": 300.0,  # GB/s per direction per GPU
     "nic_gbps_per_gpu": 25.0,  # GB/s per GPU across nodes
     "compute_slots_per_node": None,  # ranks a node can run at full speed; None: gpus_per_node
+    # how much slower each rank computes when every slot of the node computes at once (shared caches,
+    # memory bandwidth, clock): 1 for GPUs (each has its own), measured on a CPU by `dtrain scale calibrate`
+    "corun_slowdown": 1.0,
     # an accelerator the host feeds asynchronously: launch costs hide behind running kernels (down to a
     # floor per kernel) and communication has its own engines. False for a CPU: the host runs kernels,
     # dispatch overhead and gloo's threads on the same cores, one after another, and nothing hides
@@ -86,6 +89,7 @@ class Hardware:
     nvlink_gbps_per_gpu: float
     nic_gbps_per_gpu: float
     compute_slots_per_node: int | None
+    corun_slowdown: float
     async_device: bool
     matmul_efficiency: float
     memory_efficiency: float
@@ -140,6 +144,8 @@ def from_block(block: dict[str, Any], name: str = "custom") -> Hardware:
     for key in ("peak_tflops", "peak_tflops_fp32", "hbm_gib", "hbm_gbps", "nvlink_gbps_per_gpu", "nic_gbps_per_gpu"):
         if not isinstance(values[key], (int, float)) or isinstance(values[key], bool) or values[key] <= 0:
             problems.append(f"hardware.{key}={values[key]!r} must be a positive number")
+    if not isinstance(values["corun_slowdown"], (int, float)) or values["corun_slowdown"] < 1:
+        problems.append(f"hardware.corun_slowdown={values['corun_slowdown']!r} must be a number >= 1")
     for key in ("matmul_efficiency", "memory_efficiency", "nvlink_efficiency", "nic_efficiency",
                 "flash_attention_efficiency"):
         if not isinstance(values[key], (int, float)) or not 0 < values[key] <= 1:

@@ -84,7 +84,11 @@ class Timer:
     def __init__(self, hw: Hardware, precision: str, ranks_per_node: int):
         self.hw, self.precision = hw, precision
         slots = hw.compute_slots_per_node or hw.gpus_per_node
-        # more ranks than a node can run at full speed (CPU cores) share them
+        # more ranks than a node can run at full speed (CPU cores) share them; ranks that compute at the
+        # same time also share caches and memory bandwidth (corun_slowdown: all slots busy; linear between)
+        busy = min(ranks_per_node, slots)  # may be fractional: ranks busy on average
+        corun = 1.0 + (hw.corun_slowdown - 1.0) * ((busy - 1) / (slots - 1) if slots > 1 else 0.0)
+        self.compute_slowdown = corun * max(1.0, ranks_per_node / slots)
         self.slowdown = max(1.0, ranks_per_node / slots)
 
     def kernel(self, k: Kernel) -> float:
@@ -94,8 +98,8 @@ class Timer:
         memory = k.bytes / (hw.hbm_gbps * 1e9 * hw.memory_efficiency)
         overhead = k.launches * hw.kernel_overhead_us * 1e-6
         if not hw.async_device:  # the host dispatches, then runs the kernel
-            return (max(compute, memory) + overhead) * self.slowdown
-        return max(compute, memory, overhead) * self.slowdown
+            return (max(compute, memory) + overhead) * self.compute_slowdown
+        return max(compute, memory, overhead) * self.compute_slowdown
 
     def kernels(self, ks: list[Kernel]) -> float:
         return sum(self.kernel(k) for k in ks)
@@ -334,10 +338,14 @@ def project(case: Case) -> Projection:
     """Step time and its parts for one CASE (validated by :func:`dtrain.scaling.case.problems_of`)."""
     model, par, hw = case.model, case.parallel, case.hardware
     e = _bytes_per_element(case.precision)
+    m, p, v, dp = par.microbatches, par.pp, par.vpp, par.dp
     ranks_per_node = min(par.gpus, hw.gpus_per_node)
+    if p > 1 and not hw.async_device:
+        # a pipeline rank computes m v of its m v + p - 1 slots and sleeps in a receive through the rest
+        # (fill and drain): on shared cores only the ranks that compute compete for them
+        ranks_per_node = max(1.0, ranks_per_node * m * v / (m * v + p - 1))
     timer = Timer(hw, case.precision, ranks_per_node)
     overlap = hw.async_device
-    m, p, v, dp = par.microbatches, par.pp, par.vpp, par.dp
     layer = layer_time(case, timer)
     layers_per_stage = model.layers // p
     head_fwd, head_bwd = _head_kernels(model, par, case.precision)

@@ -36,12 +36,12 @@ def validation_table(report: dict[str, Any]) -> str:
 def measured_markdown(results: dict[str, Any]) -> str:
     """results.json as a markdown table (one row per point)."""
     lines = ["| model | strategy | series | ranks | step s (median / best) | tokens/s | efficiency | exposed comm "
-             "(dp/tp/pp/other) | bubble | comm MB/step | peak GiB | projected s (error) |",
-             "|---|---|---|---:|---|---:|---:|---|---:|---:|---:|---|"]
+             "(dp/tp/pp/other) | bubble | comm MB/step | peak GiB | reference s | projected s (error) |",
+             "|---|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---|"]
     for p in results["points"]:
         if p.get("error"):
             lines.append(f"| {p['model']} | {p['strategy']} | {p['series']} | {p['world_size']} | failed: "
-                         f"{p['error']} | | | | | | | |")
+                         f"{p['error']} | | | | | | | | |")
             continue
         efficiency = p["strong_efficiency"] if p["series"] == "strong" else p["weak_efficiency"]
         dims = p["exposed_comm_fraction_by_dim"]
@@ -50,9 +50,12 @@ def measured_markdown(results: dict[str, Any]) -> str:
         projected = (f"{projection['step_time_s']:.3f} ({projection['error_vs_measured']:+.0%})"
                      if projection.get("step_time_s") else projection.get("error", ""))
         best = p.get("step_time_best_s") or p["step_time_s"]
+        reference = f"{p['reference_step_time_s']:.3f}" if p.get("reference_step_time_s") else ""
         lines.append(f"| {p['model']} | {p['strategy']} | {p['series']} | {p['world_size']}"
                      f"{' *' if p['oversubscribed'] else ''} | {p['step_time_s']:.3f} / {best:.3f} | "
                      f"{p['tokens_per_s']:.0f} | {efficiency:.0%} | {p['exposed_comm_fraction']:.0%} ({split}) | "
                      f"{p['bubble_fraction'] or 0:.0%} | {(p['comm_bytes_per_step'] or 0) / 1e6:.1f} | "
-                     f"{p['peak_memory_gib']:.2f} | {projected} |")
-    return "\n".join(lines) + "\n\n\\* more ranks than CPUs: the ranks share cores (see the README).\n"
+                     f"{p['peak_memory_gib']:.2f} | {reference} | {projected} |")
+    return ("\n".join(lines) + "\n\n\\* more ranks than CPUs: the ranks share cores (see the README).\n"
+            "reference: one rank's share of the point's work, alone and without communication (the projection's "
+            "anchor; none for a pipeline, anchored at its 1-rank point).\n")

@@ -8,6 +8,10 @@ communication by dimension, bubble, bytes, peak memory) is summarized over the m
 efficiency against the smallest world size of its series, and, when the study names a ``hardware``
 preset, the projection of the same point on it (the closed loop of ``dtrain scale calibrate``).
 
+Each multi-rank point without a pipeline also gets a reference run, alone on the machine and one process:
+one rank's share of the same work without communication (:func:`reference_of`), under
+``DIR/runs/reference/``; its median step is ``reference_step_time_s``, and the projection starts from it.
+
 Study file (YAML)::
 
     name: cpu_sweep
@@ -29,7 +33,8 @@ Study file (YAML)::
 Every point's config is validated (for its world size, in this process) before anything runs; all
 problems are reported at once. ``--plan`` prints the points and their overrides as JSON instead of
 running them (what a cluster launcher needs); ``--collect`` only summarizes run directories that
-already exist (after the points ran elsewhere, e.g. on a cluster, into ``DIR/runs/``).
+already exist (after the points ran elsewhere, e.g. on a cluster, into ``DIR/runs/``); ``--resume``
+reruns only the runs that did not finish their steps (an interrupted sweep).
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ class Point:
     world_size: int
     overrides: list[str]
     global_batch: int
+    # the per-rank work of the point in one process, without communication (see reference_of), or None
+    reference: list[str] | None = None
+    reference_world: int = 1
 
     @property
     def key(self) -> str:
@@ -98,6 +106,9 @@ class Point:
 
     def run_dir(self, out: Path, round_: int) -> Path:
         return out / "runs" / (self.run_name if round_ == 0 else f"{self.run_name}-r{round_}")
+
+    def reference_dir(self, out: Path, round_: int) -> Path:
+        return out / "runs" / "reference" / (self.run_name if round_ == 0 else f"{self.run_name}-r{round_}")
 
 
 @dataclass
@@ -124,6 +135,7 @@ class Summary:
     steps_measured: int = 0
     run_dir: str = ""
     rounds_step_time_s: list[float | None] = field(default_factory=list)  # with repeats: every round's median
+    reference_step_time_s: float | None = None  # the per-rank work alone, without communication (median)
     error: str | None = None
     projection: dict[str, Any] | None = None
 
@@ -220,19 +232,68 @@ def plan(study: Study) -> list[Point]:
                         problems += [f"{model}/{strategy} at {world} ranks ({series}): {p}" for p in e.problems]
                         continue
                     label = series if world != smallest else study.series[0]  # the shared smallest point
-                    points.append(Point(model, strategy, label, world, overrides, global_batch))
+                    reference, reference_world = reference_of(overrides, world)
+                    try:
+                        if reference:
+                            load_config([*reference, "run.name=plan"], reference_world)
+                    except ConfigError as e:
+                        problems += [f"{model}/{strategy} at {world} ranks ({series}), its reference run: {p}"
+                                     for p in e.problems]
+                        continue
+                    points.append(Point(model, strategy, label, world, overrides, global_batch, reference,
+                                        reference_world))
     if problems:
         raise ConfigError(problems + ["exclude a point with `exclude: [model/strategy/world_size]`"])
     return points
 
 
-def _run_point(point: Point, study: Study, run_dir: Path) -> str | None:
-    """Run one point through torchrun; None or the error's last lines."""
+def reference_of(overrides: list[str], world_size: int) -> tuple[list[str] | None, int]:
+    """The overrides (and pretended world size) of a point's reference: one process doing one rank's work
+    of the point with no communication, alone on the machine. What the projection adds to it (collectives,
+    co-running ranks, the bubble) is then the part the closed loop tests.
+
+    - data parallelism (``ddp``): DDP on one rank with that rank's share of the batch (torch's DDP refuses
+      the fake group; a 1-rank group's all-reduce moves nothing, while DDP's own hooks and buckets stay);
+    - any other mesh without a pipeline: rank 0 of the same layout on torch's ``fake`` process group
+      (collectives return at once; FSDP2's and DTensor's own work per step stays);
+    - a pipeline: none (its stages exchange shapes with their neighbours before the first step, which a
+      lone rank cannot): the projection anchors at the 1-rank point instead."""
+    from dtrain.config.validate import load_config
+    from dtrain.strategies.layout import parallel_dims
+
+    if world_size == 1:
+        return None, 1
+    cfg = load_config([*overrides, "run.name=plan"], world_size)
+    dims = parallel_dims(cfg.strategy.name, cfg.strategy, world_size)
+    if dims is None or dims.pp > 1:
+        return None, 1
+    if cfg.strategy.name == "ddp":  # one replica's work: the same run on one rank and its share of the batch
+        keep = [o for o in overrides if o.split("=", 1)[0] != "trainer.global_batch_size"
+                and not o.startswith("strategy.dp_")]
+        return [*keep, f"trainer.global_batch_size={cfg.trainer.global_batch_size // world_size}"], 1
+    return [*overrides, "dist.backend=fake"], world_size
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_reference(point: Point, study: Study, run_dir: Path) -> str | None:
+    """Run a point's reference: one process, rank 0 of ``reference_world`` (see :func:`reference_of`)."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={point.world_size}",
-               "-m", "dtrain", *point.overrides, f"run.dir={run_dir}", f"run.name={run_dir.name}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "dtrain", *point.reference, f"run.dir={run_dir}", f"run.name={run_dir.name}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": str(point.reference_world), "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    return _run(command, env, study, run_dir)
+
+
+def _run(command: list[str], env: dict[str, str], study: Study, run_dir: Path) -> str | None:
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=study.timeout_s,
                               start_new_session=True)
@@ -245,6 +306,33 @@ def _run_point(point: Point, study: Study, run_dir: Path) -> str | None:
     return None
 
 
+def _run_point(point: Point, study: Study, run_dir: Path) -> str | None:
+    """Run one point through torchrun; None or the error's last lines."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={point.world_size}",
+               "-m", "dtrain", *point.overrides, f"run.dir={run_dir}", f"run.name={run_dir.name}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return _run(command, env, study, run_dir)
+
+
+def _measured_rows(run_dir: Path, study: Study) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("step", 0) > study.warmup_steps and "step_time_s" in r]
+
+
+def _complete(run_dir: Path, study: Study) -> bool:
+    return len(_measured_rows(run_dir, study)) >= study.steps
+
+
+def _median_step(run_dir: Path, study: Study) -> float | None:
+    rows = _measured_rows(run_dir, study)
+    return statistics.median(r["step_time_s"] for r in rows) if rows else None
+
+
 def summarize(point: Point, study: Study, run_dir: Path, cpus: int) -> Summary:
     summary = Summary(point.model, point.strategy, point.series, point.world_size, point.global_batch,
                       run_dir=str(run_dir), oversubscribed=point.world_size > cpus)
@@ -252,8 +340,7 @@ def summarize(point: Point, study: Study, run_dir: Path, cpus: int) -> Summary:
     if not path.is_file():
         summary.error = f"no metrics in {run_dir}"
         return summary
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("step", 0) > study.warmup_steps and "step_time_s" in r]
+    rows = _measured_rows(run_dir, study)
     if not rows:
         summary.error = f"no measured steps in {path}"
         return summary
@@ -299,23 +386,30 @@ def add_efficiency(summaries: list[Summary]) -> None:
             s.weak_efficiency = ratio
 
 
-def _anchored(case, measured: float):
-    """``case`` with its hardware's compute rate scaled so that its projection takes ``measured`` seconds
-    (log bisection; the step time falls monotonically as the rate rises)."""
+def _anchored(case, measured: float, compute_only: bool = False):
+    """The factor on ``case``'s compute rate that makes its projection take ``measured`` seconds (log
+    bisection; the step time falls monotonically as the rate rises). ``compute_only``: make the step's
+    compute and optimizer alone, one rank with the machine to itself, take ``measured`` (a reference run)."""
     from dataclasses import replace as with_fields
 
     from dtrain.scaling.projection import project
 
     hw = case.hardware
+    if compute_only:  # nobody shares the cores
+        hw = with_fields(hw, corun_slowdown=1.0, compute_slots_per_node=None)
 
     def at(scale: float):
         return with_fields(case, hardware=with_fields(hw, peak_tflops=hw.peak_tflops * scale,
                                                       peak_tflops_fp32=hw.peak_tflops_fp32 * scale))
 
-    low, high = 0.05, 20.0
-    for _ in range(40):
+    def seconds(scale: float) -> float:
+        result = project(at(scale))
+        return result.breakdown_s["compute"] + result.breakdown_s["optimizer"] if compute_only else result.step_time_s
+
+    low, high = 0.01, 100.0
+    for _ in range(50):
         middle = (low * high) ** 0.5
-        if project(at(middle)).step_time_s > measured:
+        if seconds(middle) > measured:
             low = middle
         else:
             high = middle
@@ -325,10 +419,13 @@ def _anchored(case, measured: float):
 def add_projection(summaries: list[Summary], points: list[Point], hardware: str) -> None:
     """The projection of each measured point on ``hardware`` (same model, layout and batch).
 
-    On a CPU preset (``async_device: false``) the closed loop anchors each model and strategy at its
-    own 1-rank point: the compute rate is scaled so that the projection of that point equals its
-    measured step (each strategy's code path costs differently: FSDP's hooks, the pipeline runtime);
-    the 2- and 4-rank points are then projected with that rate and compared with their measurements."""
+    On a CPU preset (``async_device: false``) the closed loop anchors the compute rate of each point at
+    a single-process measurement of the same work: the point's reference run where it has one (one
+    rank's work without communication, alone: FSDP2's and DTensor's own costs included, see
+    :func:`reference_of`), else its model and strategy's 1-rank point (a pipeline). What the projection
+    adds to that, and what the comparison with the measured step tests, is everything that comes with
+    more ranks: the collectives (gloo's measured latency and bandwidth), ranks competing for the cores,
+    the pipeline bubble."""
     from dataclasses import replace as with_fields
 
     from dtrain.scaling.case import problems_of
@@ -357,11 +454,15 @@ def add_projection(summaries: list[Summary], points: list[Point], hardware: str)
         if case is None:
             continue
         scale = anchors.get((s.model, s.strategy), 1.0)
+        anchor = "1-rank point" if (s.model, s.strategy) in anchors else None
+        if s.reference_step_time_s and not preset.async_device:
+            scale, anchor = _anchored(case, s.reference_step_time_s, compute_only=True), "reference run"
         hw = case.hardware
         case = with_fields(case, hardware=with_fields(hw, peak_tflops=hw.peak_tflops * scale,
                                                       peak_tflops_fp32=hw.peak_tflops_fp32 * scale))
         result = project(case)
-        s.projection = {"hardware": hardware, "compute_gflops": round(case.hardware.peak_tflops * 1e3, 2),
+        s.projection = {"hardware": hardware, "anchor": anchor,
+                        "compute_gflops": round(case.hardware.peak_tflops * 1e3, 2),
                         "step_time_s": result.step_time_s, "exposed_comm_fraction": result.exposed_comm_fraction,
                         "bubble_fraction": result.bubble_fraction,
                         "error_vs_measured": (result.step_time_s - s.step_time_s) / s.step_time_s
@@ -410,13 +511,16 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, help="folder for runs/ and results.json")
     parser.add_argument("--plan", action="store_true", help="print the points and their overrides, run nothing")
     parser.add_argument("--collect", action="store_true", help="only summarize existing DIR/runs/ (ran elsewhere)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs in DIR/runs/ that finished their steps; run only the others")
     args = parser.parse_args(list(argv))
     study = load_study(args.study)
     points = plan(study)
     out = Path(args.out)
     if args.plan:
-        print(json.dumps([{"point": p.key, "world_size": p.world_size, "overrides": p.overrides} for p in points],
-                         indent=2))
+        print(json.dumps([{"point": p.key, "world_size": p.world_size, "overrides": p.overrides,
+                           "reference": p.reference and {"world_size": p.reference_world, "rank": 0,
+                                                         "overrides": p.reference}} for p in points], indent=2))
         return 0
     if study.launcher != "torchrun" and not args.collect:
         raise ConfigError(f"launcher={study.launcher}: this build runs studies through torchrun only; submit the "
@@ -428,15 +532,21 @@ def main(argv: Sequence[str]) -> int:
     for round_ in range(study.repeats):
         order = points if round_ % 2 == 0 else points[::-1]  # alternate, against slow drifts of the load
         for index, point in enumerate(order, 1):
-            run_dir = point.run_dir(out, round_)
+            run_dir, reference_dir = point.run_dir(out, round_), point.reference_dir(out, round_)
             error = None
             if not args.collect:
                 label = f"round {round_ + 1}/{study.repeats} " if study.repeats > 1 else ""
                 print(f"[{label}{index}/{len(points)}] {point.key} ...", end=" ", flush=True)
                 t0 = time.monotonic()
-                error = _run_point(point, study, run_dir)
+                if not (args.resume and _complete(run_dir, study)):
+                    error = _run_point(point, study, run_dir)
+                if point.reference and not error and not (args.resume and _complete(reference_dir, study)):
+                    reference_error = _run_reference(point, study, reference_dir)
+                    error = reference_error and f"reference run: {reference_error}"
             summary = summarize(point, study, run_dir, cpus)
             summary.error = error or summary.error
+            if point.reference:
+                summary.reference_step_time_s = _median_step(reference_dir, study)
             rounds[point.key].append(summary)
             if not args.collect:
                 result = summary.error or f"step {summary.step_time_s:.3f}s, {summary.tokens_per_s:.0f} tok/s, " \

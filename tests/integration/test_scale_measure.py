@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tests.helpers import read_metrics, run_cmd
+from tests.helpers import read_metrics, run_cmd, subprocess_env
 
 STUDY = """
 name: smoke
@@ -46,6 +46,13 @@ def test_measure_runs_the_sweep_and_writes_results(tmp_path):
     assert strong["exposed_comm_fraction"] > 0 and strong["comm_bytes_per_step"] > 0
     assert strong["tokens_per_s_per_rank"] == strong["tokens_per_s"] / 2
     assert strong["projection"]["hardware"] == "cpu_local" and strong["projection"]["step_time_s"] > 0
+    # the closed loop anchors each multi-rank point at its reference: one rank's share alone (DDP: the
+    # one rank on half the batch), and projects the rest (collectives, ranks sharing the cores) on top
+    assert strong["projection"]["anchor"] == "reference run" and base["projection"]["anchor"] == "1-rank point"
+    reference = out / "runs" / "reference" / "gpt_tiny-ddp-strong-2"
+    overrides = (reference / "overrides.txt").read_text().splitlines()
+    assert "strategy=ddp" in overrides and "trainer.global_batch_size=2" in overrides
+    assert strong["reference_step_time_s"] > 0 and len(read_metrics(reference)) == 3
     # every training run's metrics carry the exposed-communication numbers
     rows = read_metrics(out / "runs" / "gpt_tiny-ddp-strong-2")
     assert all("exposed_comm_s" in r and "exposed_comm_fraction" in r for r in rows)
@@ -55,6 +62,34 @@ def test_measure_runs_the_sweep_and_writes_results(tmp_path):
     again = _scale("measure", str(study), "--out", str(out), "--collect", timeout=240)
     assert again.returncode == 0 and "[1/" not in again.stdout
     assert json.loads((out / "results.json").read_text())["points"][1]["step_time_s"] == strong["step_time_s"]
+    # --resume keeps the runs that finished and reruns the one that did not
+    (out / "runs" / "gpt_tiny-ddp-weak-2" / "metrics.jsonl").unlink()
+    resumed = _scale("measure", str(study), "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    again = {(p["series"], p["world_size"]): p for p in json.loads((out / "results.json").read_text())["points"]}
+    assert again["strong", 2]["step_time_s"] == strong["step_time_s"]
+    assert again["weak", 2]["steps_measured"] == 2 and again["weak", 2]["step_time_s"] != weak["step_time_s"]
+
+
+def test_fake_backend_runs_one_ranks_share_alone(tmp_path):
+    """``dist.backend=fake``: one process is rank 0 of a 2-rank FSDP run, its collectives do nothing; the
+    reference of a scaling study's sharded points. It trains its steps and records them."""
+    from dtrain.scaling.study import _free_port
+
+    env = subprocess_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(_free_port()))
+    args = ["model=gpt_tiny", "model.n_layer=2", "data=synthetic", "data.seq_len=32", "trainer.micro_batch_size=2",
+            "trainer.global_batch_size=4", "strategy=fsdp", "dist.backend=fake", "trainer.max_steps=3",
+            "trainer.eval_every=0", "trainer.sample_tokens=0", "trainer.log_every=1", f"run.dir={tmp_path / 'run'}",
+            "run.name=fake"]
+    done = run_cmd([sys.executable, "-m", "dtrain", *args], env=env, timeout=240)
+    assert done.returncode == 2 and "must not write checkpoints" in done.stderr  # it never saves
+    no_checkpoints = ["checkpoint.interval_steps=0", "checkpoint.save_final=false"]
+    done = run_cmd([sys.executable, "-m", "dtrain", *args, *no_checkpoints], env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["step_time_s"] > 0 for r in rows)
+    assert "strategy fsdp on 2 ranks" in done.stderr + done.stdout
 
 
 def test_bad_study_is_refused_before_anything_runs(tmp_path):

@@ -290,3 +290,58 @@ def test_calibration_fits_the_per_kernel_overhead_to_one_rank_steps(tmp_path):
 
     loaded = from_block(yaml.safe_load(path.read_text()), "cpu_test")
     assert loaded.kernel_overhead_us == pytest.approx(37.0) and not loaded.async_device
+
+
+def _cpu_case(strategy: list[str], world: int, preset: dict):
+    from dtrain.scaling.study import case_from_overrides
+
+    overrides = ["model=gpt_tiny", "data=synthetic", "data.seq_len=64", "trainer.micro_batch_size=2",
+                 f"trainer.global_batch_size={8 * world}", *strategy]
+    return case_from_overrides(overrides, world, preset)
+
+
+CPU = {"peak_tflops": 0.02, "peak_tflops_fp32": 0.02, "hbm_gib": 16, "hbm_gbps": 5.0, "gpus_per_node": 64,
+       "nvlink_gbps_per_gpu": 1.0, "nic_gbps_per_gpu": 1.0, "compute_slots_per_node": 2, "corun_slowdown": 1.5,
+       "async_device": False, "kernel_overhead_us": 10.0, "matmul_efficiency": 1.0, "memory_efficiency": 1.0,
+       "attention": "flash"}
+
+
+def test_cpu_ranks_that_compute_at_once_share_the_cores():
+    """Weak scaling keeps each rank's work: its compute grows by the measured co-run slowdown when both
+    cores compute, and by the core count on top when ranks outnumber the cores."""
+    compute = {w: project(_cpu_case(["strategy=ddp"], w, CPU)).breakdown_s["compute"] for w in (1, 2, 4)}
+    assert compute[2] == pytest.approx(1.5 * compute[1]) and compute[4] == pytest.approx(3.0 * compute[1])
+    alone = project(_cpu_case(["strategy=ddp"], 2, {**CPU, "corun_slowdown": 1.0})).breakdown_s["compute"]
+    assert alone == pytest.approx(compute[1])
+    # pipeline ranks sleep through the bubble in their receives: fewer of them compete for the cores
+    pp = project(_cpu_case(["strategy=pp"], 4, CPU))
+    m = pp.layout["microbatches"]
+    busy = 4 * m / (m + 3)
+    assert busy > 2
+    stage = project(_cpu_case(["strategy=pp"], 4, {**CPU, "compute_slots_per_node": 64, "corun_slowdown": 1.0}))
+    assert pp.breakdown_s["compute"] == pytest.approx(stage.breakdown_s["compute"] * 1.5 * busy / 2)
+    from dtrain.scaling.hardware import from_block
+
+    with pytest.raises(ConfigError, match="corun_slowdown"):
+        from_block({**CPU, "corun_slowdown": 0.5})
+
+
+def test_reference_runs_do_one_ranks_work_without_communication():
+    """A study point's reference: DDP's is one rank with its share of the batch; a sharded or
+    tensor-parallel layout's is rank 0 of the same world on the fake process group; a pipeline has none."""
+    from dtrain.config.validate import load_config
+    from dtrain.scaling.study import reference_of
+
+    base = ["model=gpt_tiny", "data=synthetic", "trainer.micro_batch_size=2", "trainer.global_batch_size=16"]
+    ddp, world = reference_of([*base, "strategy=ddp", "strategy.dp_replicate=4",
+                               "strategy.activation_checkpointing=full"], 4)
+    assert world == 1 and "strategy=ddp" in ddp and "trainer.global_batch_size=4" in ddp
+    assert "strategy.activation_checkpointing=full" in ddp  # the rank's work stays the same
+    assert not any(o.startswith("strategy.dp_") for o in ddp)
+    assert load_config([*ddp, "run.name=x"], 1).trainer.global_batch_size == 4
+    fsdp, world = reference_of([*base, "strategy=fsdp"], 2)
+    assert world == 2 and fsdp[-1] == "dist.backend=fake"
+    assert reference_of([*base, "strategy=pp"], 2) == (None, 1)
+    assert reference_of([*base, "strategy=tp"], 1) == (None, 1)
+    with pytest.raises(ConfigError, match="dist.backend=fake .* must not write checkpoints"):
+        load_config([*base, "strategy=fsdp", "dist.backend=fake", "run.name=x"], 2)
