@@ -175,6 +175,8 @@ class HardwareConfig:
     memory_efficiency: Optional[float] = None
     nvlink_efficiency: Optional[float] = None
     nic_efficiency: Optional[float] = None
+    all_gather_efficiency: Optional[float] = None
+    reduce_scatter_efficiency: Optional[float] = None
     nvlink_latency_us: Optional[float] = None
     nic_latency_us: Optional[float] = None
     kernel_overhead_us: Optional[float] = None

@@ -10,7 +10,9 @@ The same projection that runs on GPU presets runs on this machine once its numbe
   compute of uneven length on both ranks (as in a step), mean times (a step pays the sum of its
   collectives, slow tail included), fitted to the ring model ``t = 2 alpha + bytes / beta`` ->
   ``nvlink_gbps_per_gpu`` = beta, ``nvlink_latency_us`` = alpha
-  (all ranks share one host: one "node" of ``gpus_per_node`` = 64 ranks);
+  (all ranks share one host: one "node" of ``gpus_per_node`` = 64 ranks); all-gathers and
+  reduce-scatters of the two largest sizes the same way -> ``all_gather_efficiency`` and
+  ``reduce_scatter_efficiency`` (their bus bandwidth against the all-reduce's; gloo's are far below 1);
 - the cost every kernel adds on a CPU (eager dispatch, autograd, the optimizer's per-tensor work):
   ``kernel_overhead_us``: a microbenchmark of a small op's forward and backward;
 - with ``--results DIR/results.json`` (a study), the compute rate and the per-kernel overhead are
@@ -145,12 +147,9 @@ def _allreduce_worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     generator = torch.Generator().manual_seed(rank)
     a, b = torch.randn(256, 256), torch.randn(256, 256)
-    times = {}
-    for nbytes in ALLREDUCE_BYTES:
-        tensor = torch.ones(nbytes // 4)
+    def mean_time(collective: Any, calls: int) -> float:
         for _ in range(3):
-            dist.all_reduce(tensor)
-        calls = 100 if nbytes <= 64 << 10 else 20
+            collective()
         samples = []
         for _ in range(calls):
             # as in a training step, each rank computes a while (0-2 ms, not the same on both) before the
@@ -158,11 +157,20 @@ def _allreduce_worker(rank: int, port: int, out: str) -> None:
             for _ in range(int(torch.randint(0, 6, (1,), generator=generator))):
                 a @ b
             start = time.perf_counter()
-            dist.all_reduce(tensor)
+            collective()
             samples.append(time.perf_counter() - start)
         # the mean, slow tail included: a step pays the sum of its collectives (on a VM the latency of a
         # small one swings from 0.2 to several ms with how fast the peer's threads wake up)
-        times[nbytes] = statistics.fmean(samples)
+        return statistics.fmean(samples)
+
+    times: dict[str, Any] = {}
+    for nbytes in ALLREDUCE_BYTES:
+        full, half = torch.ones(nbytes // 4), torch.ones(nbytes // 8)
+        calls = 100 if nbytes <= 64 << 10 else 20
+        times[nbytes] = mean_time(lambda: dist.all_reduce(full), calls)
+        if nbytes in ALLREDUCE_BYTES[-2:]:  # FSDP's two collectives, by bytes of the whole tensor
+            times[f"all_gather_{nbytes}"] = mean_time(lambda: dist.all_gather_into_tensor(full, half), calls)
+            times[f"reduce_scatter_{nbytes}"] = mean_time(lambda: dist.reduce_scatter_tensor(half, full), calls)
     if rank == 0:
         Path(out).write_text(json.dumps(times))
     dist.destroy_process_group()
@@ -180,12 +188,17 @@ def measure_gloo_link() -> tuple[float, float, dict[int, float]]:
         port = s.getsockname()[1]
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         mp.start_processes(_allreduce_worker, args=(port, out.name), nprocs=2, start_method="spawn")
-        times = {int(k): v for k, v in json.loads(Path(out.name).read_text()).items()}
+        raw = json.loads(Path(out.name).read_text())
+    times = {int(k): v for k, v in raw.items() if k.isdigit()}
     sizes = sorted(times)
     big, bigger = sizes[-2], sizes[-1]
     beta = (bigger - big) / max(times[bigger] - times[big], 1e-9)
     alpha = max(statistics.fmean(times[s] - s / beta for s in sizes[:2]), 1e-6) / 2
-    return alpha, beta, times
+    efficiency = {}
+    for kind in ("all_gather", "reduce_scatter"):  # the ring model: (n-1)/n x bytes / bus bandwidth at n=2
+        slope = (raw[f"{kind}_{bigger}"] - raw[f"{kind}_{big}"]) / (bigger - big)
+        efficiency[kind] = min(1.0, max(0.05, 0.5 / (beta * max(slope, 1e-15))))
+    return alpha, beta, {**raw, "efficiency": efficiency}
 
 
 def fit_kernel_overhead(preset: dict[str, Any], results: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
@@ -247,6 +260,7 @@ def calibrate(results_path: Path | None) -> tuple[dict[str, Any], dict[str, Any]
     gemm = measure_gemm_flops()
     copy = measure_copy_bandwidth()
     alpha, beta, allreduce_times = measure_gloo_link()
+    efficiency = allreduce_times["efficiency"]
     op = measure_op_overhead()
     cpus = os.cpu_count() or 1
     corun = max(1.0, measure_corun_slowdown(cpus)) if cpus > 1 else 1.0
@@ -255,7 +269,9 @@ def calibrate(results_path: Path | None) -> tuple[dict[str, Any], dict[str, Any]
         "peak_tflops": gemm / 1e12, "peak_tflops_fp32": gemm / 1e12, "hbm_gib": round(memory_gib, 1),
         "hbm_gbps": copy / 1e9, "gpus_per_node": 64, "nvlink_gbps_per_gpu": beta / 1e9, "nic_gbps_per_gpu": beta / 1e9,
         "compute_slots_per_node": cpus, "corun_slowdown": corun, "async_device": False, "matmul_efficiency": 1.0,
-        "memory_efficiency": 1.0, "nvlink_efficiency": 1.0, "nic_efficiency": 1.0, "nvlink_latency_us": alpha * 1e6,
+        "memory_efficiency": 1.0, "nvlink_efficiency": 1.0, "nic_efficiency": 1.0,
+        "all_gather_efficiency": efficiency["all_gather"], "reduce_scatter_efficiency": efficiency["reduce_scatter"],
+        "nvlink_latency_us": alpha * 1e6,
         "nic_latency_us": alpha * 1e6, "kernel_overhead_us": op * 1e6, "flash_attention_efficiency": 1.0,
         "attention": "flash"}
     report: dict[str, Any] = {"gemm_flops": gemm, "copy_bytes_per_s": copy, "gloo_alpha_s": alpha,
@@ -305,7 +321,9 @@ def main(argv: Sequence[str]) -> int:
         write_json(args.report, report)
     print(f"wrote {args.out}: GEMM {report['gemm_flops'] / 1e9:.1f} GFLOP/s, copy "
           f"{report['copy_bytes_per_s'] / 1e9:.2f} GB/s, gloo alpha {report['gloo_alpha_s'] * 1e6:.0f} us, beta "
-          f"{report['gloo_beta_bytes_per_s'] / 1e9:.2f} GB/s, kernel overhead {preset['kernel_overhead_us']:.1f} us")
+          f"{report['gloo_beta_bytes_per_s'] / 1e9:.2f} GB/s (all-gather x{preset['all_gather_efficiency']:.2f}, "
+          f"reduce-scatter x{preset['reduce_scatter_efficiency']:.2f}), kernel overhead "
+          f"{preset['kernel_overhead_us']:.1f} us")
     if "fitted_gemm_flops" in report:
         print(f"fitted to the study's 1-rank steps: compute {report['fitted_gemm_flops'] / 1e9:.1f} GFLOP/s, kernel "
               f"overhead {preset['kernel_overhead_us']:.1f} us")

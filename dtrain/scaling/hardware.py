@@ -66,6 +66,10 @@ DEFAULTS: dict[str, Any] = {
     "memory_efficiency": 0.65,
     "nvlink_efficiency": 0.80,
     "nic_efficiency": 0.90,
+    # an all-gather's and a reduce-scatter's bus bandwidth against an all-reduce's on the same link: 1 for
+    # NCCL's rings; measured by `dtrain scale calibrate` on gloo, whose two are much slower per byte
+    "all_gather_efficiency": 1.0,
+    "reduce_scatter_efficiency": 1.0,
     "nvlink_latency_us": 5.0,
     "nic_latency_us": 10.0,
     "kernel_overhead_us": 4.0,
@@ -95,6 +99,8 @@ class Hardware:
     memory_efficiency: float
     nvlink_efficiency: float
     nic_efficiency: float
+    all_gather_efficiency: float
+    reduce_scatter_efficiency: float
     nvlink_latency_us: float
     nic_latency_us: float
     kernel_overhead_us: float
@@ -147,7 +153,7 @@ def from_block(block: dict[str, Any], name: str = "custom") -> Hardware:
     if not isinstance(values["corun_slowdown"], (int, float)) or values["corun_slowdown"] < 1:
         problems.append(f"hardware.corun_slowdown={values['corun_slowdown']!r} must be a number >= 1")
     for key in ("matmul_efficiency", "memory_efficiency", "nvlink_efficiency", "nic_efficiency",
-                "flash_attention_efficiency"):
+                "flash_attention_efficiency", "all_gather_efficiency", "reduce_scatter_efficiency"):
         if not isinstance(values[key], (int, float)) or not 0 < values[key] <= 1:
             problems.append(f"hardware.{key}={values[key]!r} must be in (0, 1]")
     if not isinstance(values["gpus_per_node"], int) or values["gpus_per_node"] < 1:

@@ -115,6 +115,8 @@ class Timer:
         nvlink = hw.nvlink_gbps_per_gpu * 1e9 * hw.nvlink_efficiency
         bandwidth = nvlink if nodes == 1 else min(nvlink, per_node * hw.nic_gbps_per_gpu * 1e9 * hw.nic_efficiency)
         share = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0, "send": None}[kind]
+        kind_efficiency = {"all_gather": hw.all_gather_efficiency, "reduce_scatter": hw.reduce_scatter_efficiency}
+        bandwidth *= kind_efficiency.get(kind, 1.0)
         if kind == "all_reduce":  # NCCL: ring steps in the node, a tree (up and down) across nodes
             latency = 2 * (per_node - 1) * hw.nvlink_latency_us + 2 * math.ceil(math.log2(nodes)) * hw.nic_latency_us
         else:  # all-gather and reduce-scatter are rings: one step per rank

@@ -345,3 +345,25 @@ def test_reference_runs_do_one_ranks_work_without_communication():
     assert reference_of([*base, "strategy=tp"], 1) == (None, 1)
     with pytest.raises(ConfigError, match="dist.backend=fake .* must not write checkpoints"):
         load_config([*base, "strategy=fsdp", "dist.backend=fake", "run.name=x"], 2)
+
+
+def test_all_gather_and_reduce_scatter_efficiency_slow_only_their_collectives():
+    """gloo's all-gather and reduce-scatter move bytes slower than its all-reduce (calibrate measures
+    each): the preset's efficiencies stretch exactly those collectives' bandwidth term."""
+    from dtrain.scaling.hardware import from_block
+
+    slow = from_block({**CPU, "all_gather_efficiency": 0.5, "reduce_scatter_efficiency": 0.25})
+    fast = from_block(CPU)
+    megabytes = 8e6
+    for kind, factor in (("all_gather", 2.0), ("reduce_scatter", 4.0), ("all_reduce", 1.0)):
+        latency = Timer(fast, "fp32", 2).collective(kind, 1.0, 2, 1)  # ~ the latency alone
+        stretched = Timer(slow, "fp32", 2).collective(kind, megabytes, 2, 1) - latency
+        plain = Timer(fast, "fp32", 2).collective(kind, megabytes, 2, 1) - latency
+        assert stretched == pytest.approx(factor * plain, rel=1e-6)
+    # FSDP's step pays for it; DDP's (all-reduce only) does not
+    presets = (CPU, {**CPU, "reduce_scatter_efficiency": 0.25})
+    fsdp = [project(_cpu_case(["strategy=fsdp"], 2, hw)).step_time_s for hw in presets]
+    ddp = [project(_cpu_case(["strategy=ddp"], 2, hw)).step_time_s for hw in presets]
+    assert fsdp[1] > fsdp[0] and ddp[1] == ddp[0]
+    with pytest.raises(ConfigError, match="all_gather_efficiency"):
+        from_block({**CPU, "all_gather_efficiency": 1.5})
