@@ -102,6 +102,8 @@ def test_a_rank_slowed_by_30_percent_is_named_within_50_steps_at_4_ranks(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     windows = [row for row in read_metrics(tmp_path) if "stragglers" in row]
     assert [row["step"] for row in windows] == [12, 24, 36, 48]  # ranks are named from the third window on
-    assert windows[-1]["stragglers"] == [2], windows
-    assert all(set(row["stragglers"]) <= {2} for row in windows), windows
+    # named within 50 steps: in the window of step 36 or 48 (a 30% slower rank scores 0.77 against the 0.8
+    # threshold, so one window of a loaded CI machine can miss it; the requirement is "within 50 steps")
+    assert any(row["stragglers"] == [2] for row in windows[2:]), windows
+    assert all(set(row["stragglers"]) <= {2} for row in windows), windows  # nobody else, ever
     assert "straggler: rank 2 score" in result.stderr
