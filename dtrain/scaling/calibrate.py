@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -147,6 +146,7 @@ def _allreduce_worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     generator = torch.Generator().manual_seed(rank)
     a, b = torch.randn(256, 256), torch.randn(256, 256)
+
     def mean_time(collective: Any, calls: int) -> float:
         for _ in range(3):
             collective()
@@ -176,16 +176,17 @@ def _allreduce_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def measure_gloo_link() -> tuple[float, float, dict[int, float]]:
-    """(alpha seconds, beta bytes/s, raw times) of a 2-rank gloo all-reduce, t = 2 alpha + bytes / beta
-    (mean times): beta from the slope between the two largest messages, alpha from the two smallest."""
+def measure_gloo_link() -> tuple[float, float, dict[str, float], dict[str, float]]:
+    """(alpha seconds, beta bytes/s, all-gather and reduce-scatter efficiency, raw times) of 2-rank gloo
+    collectives, t = 2 alpha + bytes / beta for the all-reduce (mean times): beta from the slope between
+    the two largest messages, alpha from the two smallest."""
     import tempfile
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from dtrain.scaling.study import free_port
+
+    port = free_port()
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         mp.start_processes(_allreduce_worker, args=(port, out.name), nprocs=2, start_method="spawn")
         raw = json.loads(Path(out.name).read_text())
@@ -198,7 +199,7 @@ def measure_gloo_link() -> tuple[float, float, dict[int, float]]:
     for kind in ("all_gather", "reduce_scatter"):  # the ring model: (n-1)/n x bytes / bus bandwidth at n=2
         slope = (raw[f"{kind}_{bigger}"] - raw[f"{kind}_{big}"]) / (bigger - big)
         efficiency[kind] = min(1.0, max(0.05, 0.5 / (beta * max(slope, 1e-15))))
-    return alpha, beta, {**raw, "efficiency": efficiency}
+    return alpha, beta, efficiency, raw
 
 
 def fit_kernel_overhead(preset: dict[str, Any], results: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
@@ -259,8 +260,7 @@ def calibrate(results_path: Path | None) -> tuple[dict[str, Any], dict[str, Any]
     torch.set_num_threads(1)
     gemm = measure_gemm_flops()
     copy = measure_copy_bandwidth()
-    alpha, beta, allreduce_times = measure_gloo_link()
-    efficiency = allreduce_times["efficiency"]
+    alpha, beta, efficiency, allreduce_times = measure_gloo_link()
     op = measure_op_overhead()
     cpus = os.cpu_count() or 1
     corun = max(1.0, measure_corun_slowdown(cpus)) if cpus > 1 else 1.0

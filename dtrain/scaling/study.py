@@ -274,7 +274,7 @@ def reference_of(overrides: list[str], world_size: int) -> tuple[list[str] | Non
     return [*overrides, "dist.backend=fake"], world_size
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -284,16 +284,17 @@ def _free_port() -> int:
 
 def _run_reference(point: Point, study: Study, run_dir: Path) -> str | None:
     """Run a point's reference: one process, rank 0 of ``reference_world`` (see :func:`reference_of`)."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     command = [sys.executable, "-m", "dtrain", *point.reference, f"run.dir={run_dir}", f"run.name={run_dir.name}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RANK": "0", "LOCAL_RANK": "0",
            "WORLD_SIZE": str(point.reference_world), "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     return _run(command, env, study, run_dir)
 
 
 def _run(command: list[str], env: dict[str, str], study: Study, run_dir: Path) -> str | None:
+    """Run one command for ``run_dir`` (emptied first); None or the error's last lines."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=study.timeout_s,
                               start_new_session=True)
@@ -308,8 +309,6 @@ def _run(command: list[str], env: dict[str, str], study: Study, run_dir: Path) -
 
 def _run_point(point: Point, study: Study, run_dir: Path) -> str | None:
     """Run one point through torchrun; None or the error's last lines."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={point.world_size}",
                "-m", "dtrain", *point.overrides, f"run.dir={run_dir}", f"run.name={run_dir.name}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -74,10 +74,10 @@ def test_measure_runs_the_sweep_and_writes_results(tmp_path):
 def test_fake_backend_runs_one_ranks_share_alone(tmp_path):
     """``dist.backend=fake``: one process is rank 0 of a 2-rank FSDP run, its collectives do nothing; the
     reference of a scaling study's sharded points. It trains its steps and records them."""
-    from dtrain.scaling.study import _free_port
+    from dtrain.scaling.study import free_port
 
     env = subprocess_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(_free_port()))
+                         MASTER_PORT=str(free_port()))
     args = ["model=gpt_tiny", "model.n_layer=2", "data=synthetic", "data.seq_len=32", "trainer.micro_batch_size=2",
             "trainer.global_batch_size=4", "strategy=fsdp", "dist.backend=fake", "trainer.max_steps=3",
             "trainer.eval_every=0", "trainer.sample_tokens=0", "trainer.log_every=1", f"run.dir={tmp_path / 'run'}",
