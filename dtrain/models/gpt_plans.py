@@ -9,7 +9,8 @@ Tensor parallel (Megatron layout on DTensor):
   - q/k/v and ``fc_in`` column-parallel, ``out_proj`` and ``fc_out`` row-parallel: one all-reduce (or a
     reduce-scatter under sequence parallelism) per attention and per MLP;
   - sequence parallelism: layer norms and the residual stream hold ``T/tp`` positions per rank; the
-    attention and MLP inputs are all-gathered once per module. ``wpe`` stays replicated: the input
+    attention and MLP inputs are all-gathered once per module, and in backward the module's summed input
+    gradient is reduce-scattered once (not an all-reduce per projection). ``wpe`` stays replicated: the input
     embedding is all-reduced, added to the positions and then split (a local slice, no communication).
 
 Pipeline split: a stage is a copy of the model with the blocks of other stages deleted and, off the
@@ -111,11 +112,11 @@ def apply_tp(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
             block_plan.update({
                 "ln_1": SequenceParallel(),
                 "ln_2": SequenceParallel(),
-                # one all-gather of the normed input per module, not one per projection
-                "attn": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
-                                           use_local_output=True),
-                "mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
-                                          use_local_output=True),
+                # one all-gather of the normed input per module, not one per projection; the gathered
+                # input stays a DTensor so that backward sums the projections' input gradients (Partial)
+                # and reduce-scatters them once per module (Megatron-SP), not one all-reduce per projection
+                "attn": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+                "mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
             })
         parallelize_module(block, tp_mesh, block_plan)
     # parallelize_module replaced wte.weight and lm_head.weight by two DTensors with the same Shard(0)

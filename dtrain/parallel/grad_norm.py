@@ -38,14 +38,28 @@ def _local(grad: torch.Tensor) -> torch.Tensor:
 
 def reduce_partial_grads(params: Iterable[torch.Tensor]) -> None:
     """Finish gradients DTensor left as pending sums: a replicated parameter used on sharded activations
-    (a sequence-parallel layer norm) gets a ``Partial`` gradient, one summand per rank. Reduce each once
-    per step, here, so the norm, the clipping and the optimizer all see the real gradient."""
+    (a sequence-parallel layer norm) gets a ``Partial`` gradient, one summand per rank. Reduce them once
+    per step, here, so the norm, the clipping and the optimizer all see the real gradient: the gradients
+    with the same mesh and the same placements (only ``Partial`` and ``Replicate``) go flattened into one
+    collective (one per step, not one per layer norm: each costs a latency)."""
+    batches: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         grad = p.grad
         if isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements):
             target = p.placements if isinstance(p, DTensor) else tuple(
                 Replicate() if pl.is_partial() else pl for pl in grad.placements)
-            p.grad = grad.redistribute(grad.device_mesh, target)
+            if all(pl.is_partial() or pl.is_replicate() for pl in grad.placements) and all(
+                    pl.is_replicate() for pl in target):
+                batches.setdefault((grad.device_mesh, tuple(grad.placements), grad.dtype), []).append(p)
+            else:
+                p.grad = grad.redistribute(grad.device_mesh, target)
+    for (mesh, placements, _), members in batches.items():
+        locals_ = [p.grad.to_local() for p in members]
+        flat = DTensor.from_local(torch.cat([g.reshape(-1) for g in locals_]), mesh, placements, run_check=False)
+        summed = flat.redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
+        for p, piece in zip(members, summed.split([g.numel() for g in locals_])):
+            p.grad = DTensor.from_local(piece.view_as(p.grad.to_local()), mesh, [Replicate()] * mesh.ndim,
+                                        run_check=False)
 
 
 def global_grad_norm(params: Iterable[torch.Tensor], plain_replicas: int = 1,

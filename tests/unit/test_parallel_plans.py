@@ -233,3 +233,38 @@ def test_plan_refuses_a_layout_the_model_cannot_take(capsys):
     assert code == 2
     assert err.strip() == "dtrain: config error: strategy.tp=8 does not divide model.n_head=12; pick a tp degree " \
                           "that divides it"
+
+
+def _tp_collectives_of_one_micro_batch(n_layer: int) -> dict[str, dict[str, int]]:
+    """Forward and backward of a sequence-parallel tp=2 GPT as rank 0 of torch's fake process group
+    (collectives return at once; what is issued is counted)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from dtrain.metrics.comm import CommCounter
+    from dtrain.models.gpt_plans import apply_tp
+
+    dist.init_process_group("fake", rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+        with torch.device("meta"):
+            model = GPT(vocab_size=64, seq_len=16, n_layer=n_layer, n_head=4, d_model=32, tie_embeddings=False)
+        apply_tp(model, mesh, sequence_parallel=True)
+        materialize(model, torch.device("cpu"), seed=0)
+        tokens = torch.randint(0, 64, (2, 16))
+        with CommCounter() as counter, loss_parallel():
+            F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+        return counter.summary()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_layer_gathers_and_scatters_each_module_once_each_way():
+    """Megatron-SP per layer: forward all-gathers the attention's and the MLP's input and reduce-scatters
+    their outputs; backward mirrors it (one reduce-scatter of each module's summed input gradient, not one
+    all-reduce per q/k/v projection) -- 4 all-gathers, 4 reduce-scatters, no all-reduce per layer."""
+    one, two = _tp_collectives_of_one_micro_batch(1), _tp_collectives_of_one_micro_batch(2)
+    per_layer = {kind: two.get(kind, {}).get("calls", 0) - one.get(kind, {}).get("calls", 0)
+                 for kind in set(one) | set(two)}
+    assert {k: v for k, v in per_layer.items() if v} == {"all_gather": 4, "reduce_scatter": 4}, (one, two)
