@@ -177,10 +177,13 @@ class HardwareConfig:
     nic_efficiency: Optional[float] = None
     all_gather_efficiency: Optional[float] = None
     reduce_scatter_efficiency: Optional[float] = None
+    all_gather_latency_factor: Optional[float] = None
+    reduce_scatter_latency_factor: Optional[float] = None
     nvlink_latency_us: Optional[float] = None
     nic_latency_us: Optional[float] = None
     kernel_overhead_us: Optional[float] = None
     attention: Optional[str] = None  # flash | unfused
+    latency_steps: Optional[str] = None  # ring | log2
     flash_attention_efficiency: Optional[float] = None
 
 

@@ -12,7 +12,10 @@ The same projection that runs on GPU presets runs on this machine once its numbe
   ``nvlink_gbps_per_gpu`` = beta, ``nvlink_latency_us`` = alpha
   (all ranks share one host: one "node" of ``gpus_per_node`` = 64 ranks); all-gathers and
   reduce-scatters of the two largest sizes the same way -> ``all_gather_efficiency`` and
-  ``reduce_scatter_efficiency`` (their bus bandwidth against the all-reduce's; gloo's are far below 1);
+  ``reduce_scatter_efficiency`` (their bus bandwidth against the all-reduce's; gloo's are far below 1),
+  and of the two smallest -> ``all_gather_latency_factor`` and ``reduce_scatter_latency_factor``
+  (their latency against the ring model's one step at 2 ranks; gloo's small reduce-scatter takes as
+  long as an all-reduce: tensor parallelism with sequence parallelism issues hundreds per step);
 - the cost every kernel adds on a CPU (eager dispatch, autograd, the optimizer's per-tensor work):
   ``kernel_overhead_us``: a microbenchmark of a small op's forward and backward;
 - with ``--results DIR/results.json`` (a study), the compute rate and the per-kernel overhead are
@@ -168,7 +171,7 @@ def _allreduce_worker(rank: int, port: int, out: str) -> None:
         full, half = torch.ones(nbytes // 4), torch.ones(nbytes // 8)
         calls = 100 if nbytes <= 64 << 10 else 20
         times[nbytes] = mean_time(lambda: dist.all_reduce(full), calls)
-        if nbytes in ALLREDUCE_BYTES[-2:]:  # FSDP's two collectives, by bytes of the whole tensor
+        if nbytes in (*ALLREDUCE_BYTES[:2], *ALLREDUCE_BYTES[-2:]):  # FSDP's and SP's two, by the whole tensor
             times[f"all_gather_{nbytes}"] = mean_time(lambda: dist.all_gather_into_tensor(full, half), calls)
             times[f"reduce_scatter_{nbytes}"] = mean_time(lambda: dist.reduce_scatter_tensor(half, full), calls)
     if rank == 0:
@@ -177,9 +180,12 @@ def _allreduce_worker(rank: int, port: int, out: str) -> None:
 
 
 def measure_gloo_link() -> tuple[float, float, dict[str, float], dict[str, float]]:
-    """(alpha seconds, beta bytes/s, all-gather and reduce-scatter efficiency, raw times) of 2-rank gloo
-    collectives, t = 2 alpha + bytes / beta for the all-reduce (mean times): beta from the slope between
-    the two largest messages, alpha from the two smallest."""
+    """(alpha seconds, beta bytes/s, the all-gather's and reduce-scatter's factors, raw times) of 2-rank
+    gloo collectives, t = 2 alpha + bytes / beta for the all-reduce (mean times): beta from the slope
+    between the two largest messages, alpha from the two smallest. The all-gather and the reduce-scatter
+    (t = f_latency alpha + bytes / (2 beta f_bandwidth) in the ring model at 2 ranks): their bandwidth
+    factor (``<kind>``) from the slope between the two largest, their latency factor
+    (``<kind>_latency``) from the two smallest."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -195,11 +201,13 @@ def measure_gloo_link() -> tuple[float, float, dict[str, float], dict[str, float
     big, bigger = sizes[-2], sizes[-1]
     beta = (bigger - big) / max(times[bigger] - times[big], 1e-9)
     alpha = max(statistics.fmean(times[s] - s / beta for s in sizes[:2]), 1e-6) / 2
-    efficiency = {}
+    factors = {}
     for kind in ("all_gather", "reduce_scatter"):  # the ring model: (n-1)/n x bytes / bus bandwidth at n=2
         slope = (raw[f"{kind}_{bigger}"] - raw[f"{kind}_{big}"]) / (bigger - big)
-        efficiency[kind] = min(1.0, max(0.05, 0.5 / (beta * max(slope, 1e-15))))
-    return alpha, beta, efficiency, raw
+        factors[kind] = min(1.0, max(0.05, 0.5 / (beta * max(slope, 1e-15))))
+        latency = statistics.fmean(raw[f"{kind}_{s}"] - 0.5 * s / (beta * factors[kind]) for s in sizes[:2])
+        factors[f"{kind}_latency"] = min(10.0, max(0.1, latency / alpha))
+    return alpha, beta, factors, raw
 
 
 def fit_kernel_overhead(preset: dict[str, Any], results: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
@@ -271,7 +279,9 @@ def calibrate(results_path: Path | None) -> tuple[dict[str, Any], dict[str, Any]
         "compute_slots_per_node": cpus, "corun_slowdown": corun, "async_device": False, "matmul_efficiency": 1.0,
         "memory_efficiency": 1.0, "nvlink_efficiency": 1.0, "nic_efficiency": 1.0,
         "all_gather_efficiency": efficiency["all_gather"], "reduce_scatter_efficiency": efficiency["reduce_scatter"],
-        "nvlink_latency_us": alpha * 1e6,
+        "all_gather_latency_factor": efficiency["all_gather_latency"],
+        "reduce_scatter_latency_factor": efficiency["reduce_scatter_latency"],
+        "nvlink_latency_us": alpha * 1e6, "latency_steps": "log2",
         "nic_latency_us": alpha * 1e6, "kernel_overhead_us": op * 1e6, "flash_attention_efficiency": 1.0,
         "attention": "flash"}
     report: dict[str, Any] = {"gemm_flops": gemm, "copy_bytes_per_s": copy, "gloo_alpha_s": alpha,
@@ -322,7 +332,9 @@ def main(argv: Sequence[str]) -> int:
     print(f"wrote {args.out}: GEMM {report['gemm_flops'] / 1e9:.1f} GFLOP/s, copy "
           f"{report['copy_bytes_per_s'] / 1e9:.2f} GB/s, gloo alpha {report['gloo_alpha_s'] * 1e6:.0f} us, beta "
           f"{report['gloo_beta_bytes_per_s'] / 1e9:.2f} GB/s (all-gather x{preset['all_gather_efficiency']:.2f}, "
-          f"reduce-scatter x{preset['reduce_scatter_efficiency']:.2f}), kernel overhead "
+          f"reduce-scatter x{preset['reduce_scatter_efficiency']:.2f}; latency all-gather "
+          f"x{preset['all_gather_latency_factor']:.2f}, reduce-scatter x{preset['reduce_scatter_latency_factor']:.2f})"
+          f", kernel overhead "
           f"{preset['kernel_overhead_us']:.1f} us")
     if "fitted_gemm_flops" in report:
         print(f"fitted to the study's 1-rank steps: compute {report['fitted_gemm_flops'] / 1e9:.1f} GFLOP/s, kernel "

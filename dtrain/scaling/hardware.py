@@ -70,7 +70,16 @@ DEFAULTS: dict[str, Any] = {
     # NCCL's rings; measured by `dtrain scale calibrate` on gloo, whose two are much slower per byte
     "all_gather_efficiency": 1.0,
     "reduce_scatter_efficiency": 1.0,
+    # their latency against the ring model's (one latency per ring step): 1 for NCCL; measured on gloo,
+    # whose reduce-scatter of a small message takes as long as an all-reduce (two steps' worth)
+    "all_gather_latency_factor": 1.0,
+    "reduce_scatter_latency_factor": 1.0,
     "nvlink_latency_us": 5.0,
+    # how a collective's latency grows with the ranks of a node: "ring", one latency per ring step (NCCL
+    # inside a node: n - 1 per all-gather, 2 (n - 1) per all-reduce); "log2", one per doubling (gloo on a
+    # host: its small all-reduces, all-gathers and reduce-scatters at 4 ranks take 2x the steps of 2,
+    # measured, not the ring's 3x)
+    "latency_steps": "ring",
     "nic_latency_us": 10.0,
     "kernel_overhead_us": 4.0,
     "flash_attention_efficiency": 0.60,  # FlashAttention-2 on A100: 0.50-0.73 of peak (paper, fwd/bwd)
@@ -79,6 +88,7 @@ DEFAULTS: dict[str, Any] = {
 # fields of the training-run hardware config that the projection ignores
 _RUN_ONLY = {"name", "peak_flops_per_device", "defaults"}
 _ATTENTION = ("flash", "unfused")
+_LATENCY_STEPS = ("ring", "log2")
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,10 @@ class Hardware:
     nic_efficiency: float
     all_gather_efficiency: float
     reduce_scatter_efficiency: float
+    all_gather_latency_factor: float
+    reduce_scatter_latency_factor: float
     nvlink_latency_us: float
+    latency_steps: str
     nic_latency_us: float
     kernel_overhead_us: float
     flash_attention_efficiency: float
@@ -156,8 +169,14 @@ def from_block(block: dict[str, Any], name: str = "custom") -> Hardware:
                 "flash_attention_efficiency", "all_gather_efficiency", "reduce_scatter_efficiency"):
         if not isinstance(values[key], (int, float)) or not 0 < values[key] <= 1:
             problems.append(f"hardware.{key}={values[key]!r} must be in (0, 1]")
+    for key in ("all_gather_latency_factor", "reduce_scatter_latency_factor"):
+        if not isinstance(values[key], (int, float)) or isinstance(values[key], bool) or values[key] <= 0:
+            problems.append(f"hardware.{key}={values[key]!r} must be a positive number")
     if not isinstance(values["gpus_per_node"], int) or values["gpus_per_node"] < 1:
         problems.append(f"hardware.gpus_per_node={values['gpus_per_node']!r} must be a positive integer")
+    if values["latency_steps"] not in _LATENCY_STEPS:
+        problems.append(f"hardware.latency_steps={values['latency_steps']!r} must be one of: "
+                        f"{', '.join(_LATENCY_STEPS)}")
     if values["attention"] not in _ATTENTION:
         problems.append(f"hardware.attention={values['attention']!r} must be one of: {', '.join(_ATTENTION)}")
     if problems:

@@ -19,7 +19,8 @@ Pure arithmetic on a :class:`~dtrain.scaling.case.Case` (no torch). The step is 
    laid out tp innermost, then cp, dp, pp (Megatron's and dtrain's order). A group with ``k`` members per
    node that spans nodes runs ``k`` rings, one per NIC (rail-optimized): its bus bandwidth is
    ``min(NVLink, k x NIC)``; inside a node it is NVLink. Latency: ring steps inside the node plus a tree
-   across nodes.
+   across nodes (``latency_steps: log2``: one step per doubling inside the node, gloo on a host), times a
+   per-kind factor for all-gathers and reduce-scatters (1 on NCCL; measured on gloo).
 3. **Overlap.** Tensor-parallel collectives sit on the critical path (2 all-reduces forward, 2
    backward, 2 more in a full recompute; with sequence parallelism each becomes an all-gather plus a
    reduce-scatter of the same total bytes). Data-parallel gradient reduction overlaps the last
@@ -117,11 +118,14 @@ class Timer:
         share = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0, "send": None}[kind]
         kind_efficiency = {"all_gather": hw.all_gather_efficiency, "reduce_scatter": hw.reduce_scatter_efficiency}
         bandwidth *= kind_efficiency.get(kind, 1.0)
+        # steps inside the node: NCCL's rings, one per rank; gloo's algorithms on a host, one per doubling
+        in_node = math.ceil(math.log2(per_node)) if hw.latency_steps == "log2" else per_node - 1
         if kind == "all_reduce":  # NCCL: ring steps in the node, a tree (up and down) across nodes
-            latency = 2 * (per_node - 1) * hw.nvlink_latency_us + 2 * math.ceil(math.log2(nodes)) * hw.nic_latency_us
+            latency = 2 * in_node * hw.nvlink_latency_us + 2 * math.ceil(math.log2(nodes)) * hw.nic_latency_us
         else:  # all-gather and reduce-scatter are rings: one step per rank
-            latency = (per_node - 1) * hw.nvlink_latency_us + (nodes - 1) * hw.nic_latency_us
-        latency *= 1e-6
+            latency = in_node * hw.nvlink_latency_us + (nodes - 1) * hw.nic_latency_us
+        latency *= {"all_gather": hw.all_gather_latency_factor,
+                    "reduce_scatter": hw.reduce_scatter_latency_factor}.get(kind, 1.0) * 1e-6
         shared = 1.0 if hw.async_device else self.slowdown  # gloo's threads share oversubscribed cores
         if share is None:  # point to point
             return (nbytes / bandwidth + (hw.nic_latency_us if nodes > 1 else hw.nvlink_latency_us) * 1e-6) * shared

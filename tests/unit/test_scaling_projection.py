@@ -367,3 +367,28 @@ def test_all_gather_and_reduce_scatter_efficiency_slow_only_their_collectives():
     assert fsdp[1] > fsdp[0] and ddp[1] == ddp[0]
     with pytest.raises(ConfigError, match="all_gather_efficiency"):
         from_block({**CPU, "all_gather_efficiency": 1.5})
+
+
+def test_latency_factors_and_steps_change_only_the_latency_they_describe():
+    """gloo's small reduce-scatter takes as long as an all-reduce (calibrate measures the factor), and its
+    collectives' latency grows per doubling of the ranks (log2), not per rank as NCCL's rings do."""
+    from dtrain.scaling.hardware import from_block
+
+    base = from_block({**CPU, "nvlink_gbps_per_gpu": 1e9})  # bandwidth so high that latency is all that is left
+    factored = from_block({**CPU, "nvlink_gbps_per_gpu": 1e9, "reduce_scatter_latency_factor": 2.0,
+                           "all_gather_latency_factor": 0.5})
+    for kind, factor in (("reduce_scatter", 2.0), ("all_gather", 0.5), ("all_reduce", 1.0)):
+        plain = Timer(base, "fp32", 2).collective(kind, 4096, 2, 1)
+        assert Timer(factored, "fp32", 2).collective(kind, 4096, 2, 1) == pytest.approx(factor * plain, rel=1e-3)
+    ring = from_block({**CPU, "nvlink_gbps_per_gpu": 1e9, "compute_slots_per_node": 64})  # no shared cores
+    log2 = from_block({**CPU, "nvlink_gbps_per_gpu": 1e9, "compute_slots_per_node": 64, "latency_steps": "log2"})
+    for hw, steps_at_8 in ((ring, 7), (log2, 3)):
+        timer = Timer(hw, "fp32", 8)
+        for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+            at_2, at_8 = timer.collective(kind, 4096, 2, 1), timer.collective(kind, 4096, 8, 1)
+            assert at_8 == pytest.approx(steps_at_8 * at_2, rel=1e-3), (hw.latency_steps, kind)
+    assert resolve("h100_sxm").latency_steps == "ring" and resolve("h100_sxm").reduce_scatter_latency_factor == 1
+    with pytest.raises(ConfigError, match="latency_steps='tree' must be one of: ring, log2"):
+        from_block({**CPU, "latency_steps": "tree"})
+    with pytest.raises(ConfigError, match="reduce_scatter_latency_factor=0 must be a positive number"):
+        from_block({**CPU, "reduce_scatter_latency_factor": 0})
