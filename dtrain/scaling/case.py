@@ -12,6 +12,8 @@ YAML or JSON with three blocks and two scalars (the format of issue 11, which ch
 ``kv_heads`` defaults to ``heads``, ``ffn_hidden`` to 4 x hidden; ``model.attention`` (flash | unfused)
 defaults to the hardware preset's stack; ``parallel.grad_dtype`` (what gradients are reduced in)
 defaults to the precision, as in Megatron-LM (PyTorch autocast keeps FP32 gradients: set fp32).
+``parallel.stage_layers`` (one count per pipeline stage, vpp 1) describes an uneven split: the largest
+stage sets the pipeline's pace; by default the layers split evenly.
 ``dp = gpus / (tp x pp x cp)`` is derived. Every problem is
 collected and reported at once, one line each, before any arithmetic.
 """
@@ -33,7 +35,7 @@ RECOMPUTE = ("none", "selective", "full")
 ZERO_STAGES = (0, 1, 2, 3)
 MODEL_KEYS = {"layers", "hidden", "heads", "kv_heads", "ffn_hidden", "gated_mlp", "vocab", "seq_len", "attention"}
 PARALLEL_KEYS = {"gpus", "tp", "pp", "vpp", "cp", "micro_batch", "global_batch", "zero", "sequence_parallel",
-                 "recompute", "dp_overlap", "grad_dtype"}
+                 "recompute", "dp_overlap", "grad_dtype", "stage_layers"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,15 @@ class Parallel:
     recompute: str = "none"
     dp_overlap: bool = True
     grad_dtype: str = ""  # what gradients are reduced in: "" = the precision (Megatron); fp32 = PyTorch autocast
+    stage_layers: tuple[int, ...] = ()  # an uneven pipeline split, one count per stage; () = even
+
+    def largest_stage(self, layers: int) -> int:
+        """Layers of the largest pipeline stage (per virtual stage with interleaving)."""
+        return max(self.stage_layers) if self.stage_layers else layers // (self.pp * self.vpp)
+
+    def stage_balance(self, layers: int) -> float:
+        """The mean stage's layers over the largest's: 1 for an even split."""
+        return layers / (self.pp * self.vpp) / self.largest_stage(layers)
 
     @property
     def dp(self) -> int:
@@ -174,7 +185,14 @@ def parse(data: Any) -> Case:
                            global_batch=_int(p, "global_batch", "parallel", problems), zero=zero,
                            sequence_parallel=_bool(p, "sequence_parallel", "parallel", problems, False),
                            recompute=recompute, dp_overlap=_bool(p, "dp_overlap", "parallel", problems, True),
-                           grad_dtype=grad_dtype)
+                           grad_dtype=grad_dtype, stage_layers=p.get("stage_layers") or ())
+    stage_layers = parallel_values["stage_layers"]
+    if not isinstance(stage_layers, (list, tuple)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in stage_layers):
+        problems.append(f"parallel.stage_layers={stage_layers!r} must be a list of positive layer counts, "
+                        f"one per stage")
+    else:
+        parallel_values["stage_layers"] = tuple(stage_layers)
     if problems:
         raise ConfigError(problems)
     case = Case(Model(**model_values), Parallel(**parallel_values), precision, hardware)
@@ -204,7 +222,11 @@ def problems_of(case: Case) -> list[str]:
     if m.ffn_hidden % p.tp:
         problems.append(f"model.ffn_hidden={m.ffn_hidden} is not divisible by parallel.tp={p.tp}")
     stages = p.pp * p.vpp
-    if m.layers % stages:
+    if p.stage_layers:
+        if p.vpp != 1 or len(p.stage_layers) != p.pp or sum(p.stage_layers) != m.layers:
+            problems.append(f"parallel.stage_layers={list(p.stage_layers)} must give one count per pipeline stage "
+                            f"(pp={p.pp}, vpp 1) summing to model.layers={m.layers}")
+    elif m.layers % stages:
         problems.append(f"model.layers={m.layers} does not split into pp x vpp = {p.pp} x {p.vpp} = {stages} "
                         f"equal stages")
     if p.vpp > 1 and p.pp == 1:

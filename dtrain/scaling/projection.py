@@ -260,7 +260,7 @@ class Memory:
 
 def stage_params(model: Model, par: Parallel) -> tuple[float, float]:
     """Parameters on one GPU of the first and of the last pipeline stage (tensor-parallel shard)."""
-    layers = model.layers / par.pp * model.params_per_layer / par.tp
+    layers = par.largest_stage(model.layers) * par.vpp * model.params_per_layer / par.tp
     embedding = model.vocab * model.hidden / par.tp
     if par.pp == 1:  # one stage holds the (tied) embedding and the head
         return layers + embedding, layers + embedding
@@ -302,7 +302,7 @@ def memory(case: Case, microbatches: int) -> Memory:
         weights = weights / dp + 2 * e * model.params_per_layer / par.tp
     tokens = par.micro_batch * model.seq_len / par.cp
     per_layer = activation_bytes_per_token_layer(model, par, case.precision) * tokens
-    layers = model.layers / par.pp
+    layers = par.largest_stage(model.layers) * par.vpp
     in_flight = 1.0
     if par.pp > 1:
         in_flight = min(microbatches, par.pp) * ((1 + (par.pp - 1) / (par.pp * par.vpp)) if par.vpp > 1 else 1)
@@ -348,12 +348,13 @@ def project(case: Case) -> Projection:
     ranks_per_node = min(par.gpus, hw.gpus_per_node)
     if p > 1 and not hw.async_device:
         # a pipeline rank computes m v of its m v + p - 1 slots and sleeps in a receive through the rest
-        # (fill and drain): on shared cores only the ranks that compute compete for them
-        ranks_per_node = max(1.0, ranks_per_node * m * v / (m * v + p - 1))
+        # (fill and drain), and a rank of a smaller stage also while the largest computes: on shared
+        # cores only the ranks that compute compete for them
+        ranks_per_node = max(1.0, ranks_per_node * m * v / (m * v + p - 1) * par.stage_balance(model.layers))
     timer = Timer(hw, case.precision, ranks_per_node)
     overlap = hw.async_device
     layer = layer_time(case, timer)
-    layers_per_stage = model.layers // p
+    layers_per_stage = par.largest_stage(model.layers) * v  # per rank: v virtual stages
     head_fwd, head_bwd = _head_kernels(model, par, case.precision)
     head = timer.kernels(head_fwd) + timer.kernels(head_bwd)
     embedding = timer.kernels(_embedding_kernels(model, par, case.precision))
@@ -410,7 +411,8 @@ def project(case: Case) -> Projection:
     slot = stage_compute_max + tp_mb + cp_mb + fsdp_mb  # one micro-batch on the slowest stage
     # the pipeline fills and drains through every stage once: the bubble is (p-1)/v slots of the average
     # stage, while the steady state runs at the pace of the slowest
-    average_slot = slot - stage_compute_max + stage_compute + (head + embedding) / p
+    average_slot = (slot - stage_compute_max + stage_compute * par.stage_balance(model.layers)
+                    + (head + embedding) / p)
     bubble = (p - 1) / v * average_slot if p > 1 else 0.0
     p2p = 0.0
     if p > 1:

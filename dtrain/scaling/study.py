@@ -474,6 +474,7 @@ def case_from_overrides(overrides: list[str], world_size: int, hardware: str | d
     """The CASE of a dtrain run (built-in GPT): model shape, layout, batch, precision, on ``hardware`` (a
     preset name or a block)."""
     from dtrain.config.validate import load_config
+    from dtrain.models.gpt_plans import stage_layer_counts
     from dtrain.scaling.case import parse
     from dtrain.strategies.layout import parallel_dims
 
@@ -485,17 +486,19 @@ def case_from_overrides(overrides: list[str], world_size: int, hardware: str | d
     if dims is None:
         raise ConfigError(f"strategy={s.name} has no mesh layout to project")
     zero = 3 if dims.dp_shard > 1 else 0
-    # an uneven pipeline split runs at the pace of its largest stage: project equal stages of that size
-    layers = -(-m.n_layer // dims.pp) * dims.pp if dims.pp > 1 else m.n_layer
+    # the pipeline's split as dtrain makes it (one stage per rank, as projected): uneven splits run at
+    # the pace of their largest stage
+    split = stage_layer_counts(m.n_layer, dims.pp, s.get("pp_layers_per_stage")) if dims.pp > 1 else []
+    stage_layers = split if len(set(split)) > 1 else []
     recompute = {"none": "none", "full": "full", "selective": "selective"}[s.activation_checkpointing]
     return parse({
-        "model": {"layers": layers, "hidden": m.d_model, "heads": m.n_head, "kv_heads": m.n_head,
+        "model": {"layers": m.n_layer, "hidden": m.d_model, "heads": m.n_head, "kv_heads": m.n_head,
                   "ffn_hidden": m.get("mlp_ratio", 4) * m.d_model, "gated_mlp": False, "vocab": m.vocab_size,
                   "seq_len": cfg.data.seq_len, "attention": "flash"},
         "parallel": {"gpus": world_size, "tp": dims.tp, "pp": dims.pp, "vpp": 1, "cp": 1,
                      "micro_batch": t.micro_batch_size, "global_batch": t.global_batch_size, "zero": zero,
                      "sequence_parallel": bool(s.sequence_parallel and dims.tp > 1), "recompute": recompute,
-                     "dp_overlap": s.name != "single"},
+                     "dp_overlap": s.name != "single", "stage_layers": stage_layers},
         "precision": t.precision, "hardware": hardware})
 
 

@@ -392,3 +392,23 @@ def test_latency_factors_and_steps_change_only_the_latency_they_describe():
         from_block({**CPU, "latency_steps": "tree"})
     with pytest.raises(ConfigError, match="reduce_scatter_latency_factor=0 must be a positive number"):
         from_block({**CPU, "reduce_scatter_latency_factor": 0})
+
+
+def test_an_uneven_pipeline_split_runs_at_its_largest_stage_and_computes_only_its_layers():
+    """6 layers over 4 stages as dtrain splits them (2, 2, 1, 1): the steady state paces at the largest
+    stage, as 8 layers split evenly would, but the bubble fills with the average stage, the FLOPs are those
+    of 6 layers, and on shared cores the ranks of the small stages sleep more and leave the cores to the
+    others."""
+    pipeline = {"parallel.gpus": 4, "parallel.pp": 4, "parallel.global_batch": 32}
+    uneven = run(**pipeline, **{"model.layers": 6, "parallel.stage_layers": [2, 2, 1, 1]})
+    even = run(**pipeline, **{"model.layers": 8})
+    assert uneven.breakdown_s["compute"] == pytest.approx(even.breakdown_s["compute"], rel=1e-9)
+    assert uneven.breakdown_s["bubble"] < even.breakdown_s["bubble"]
+    assert uneven.model_tflops_per_gpu < even.model_tflops_per_gpu
+    cpu = [_cpu_case(["strategy=pp", f"model.n_layer={n}"], 4, CPU) for n in (6, 8)]
+    assert cpu[0].parallel.stage_layers == (2, 2, 1, 1) and cpu[0].model.layers == 6
+    assert cpu[1].parallel.stage_layers == ()
+    assert project(cpu[0]).breakdown_s["compute"] < project(cpu[1]).breakdown_s["compute"]
+    for bad in ([2, 2, 2], [2, 2, 1, 2], [2, 2, 1, "x"]):
+        with pytest.raises(ConfigError, match="parallel.stage_layers="):
+            parse(case(**pipeline, **{"model.layers": 6, "parallel.stage_layers": bad}))
