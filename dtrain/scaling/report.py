@@ -58,4 +58,4 @@ def measured_markdown(results: dict[str, Any]) -> str:
                      f"{p['peak_memory_gib']:.2f} | {reference} | {projected} |")
     return ("\n".join(lines) + "\n\n\\* more ranks than CPUs: the ranks share cores (see the README).\n"
             "reference: one rank's share of the point's work, alone and without communication (the projection's "
-            "anchor; none for a pipeline, anchored at its 1-rank point).\n")
+            "anchor; a pipeline's: all its stages on one rank).\n")

@@ -8,8 +8,8 @@ communication by dimension, bubble, bytes, peak memory) is summarized over the m
 efficiency against the smallest world size of its series, and, when the study names a ``hardware``
 preset, the projection of the same point on it (the closed loop of ``dtrain scale calibrate``).
 
-Each multi-rank point without a pipeline also gets a reference run, alone on the machine and one process:
-one rank's share of the same work without communication (:func:`reference_of`), under
+Each multi-rank point also gets a reference run, alone on the machine and one process: one rank's share
+of the same work without communication (a pipeline: all its stages on one rank; :func:`reference_of`), under
 ``DIR/runs/reference/``; its median step is ``reference_step_time_s``, and the projection starts from it.
 
 Study file (YAML)::
@@ -256,17 +256,26 @@ def reference_of(overrides: list[str], world_size: int) -> tuple[list[str] | Non
       the fake group; a 1-rank group's all-reduce moves nothing, while DDP's own hooks and buckets stay);
     - any other mesh without a pipeline: rank 0 of the same layout on torch's ``fake`` process group
       (collectives return at once; FSDP2's and DTensor's own work per step stays);
-    - a pipeline: none (its stages exchange shapes with their neighbours before the first step, which a
-      lone rank cannot): the projection anchors at the 1-rank point instead."""
+    - a pipeline (pp only): every stage of it on one rank, run by torch's interleaved schedule: the whole
+      pipeline's work with its schedule's per-action work, stage hand-offs local (a lone rank of the
+      pipeline cannot run on the fake group: its stages exchange shapes with their neighbours before the
+      first step). The projection anchors at it as at a 1-rank point; a pipeline mixed with other
+      dimensions has none."""
     from dtrain.config.validate import load_config
     from dtrain.strategies.layout import parallel_dims
+    from dtrain.strategies.pipeline import pipeline_shape
 
     if world_size == 1:
         return None, 1
     cfg = load_config([*overrides, "run.name=plan"], world_size)
     dims = parallel_dims(cfg.strategy.name, cfg.strategy, world_size)
-    if dims is None or dims.pp > 1:
+    if dims is None or (dims.pp > 1 and dims.pp != world_size):
         return None, 1
+    if dims.pp > 1:
+        stages = pipeline_shape(cfg, dims)["stages"]
+        keep = [o for o in overrides
+                if o.split("=", 1)[0] not in ("strategy.pp_schedule", "strategy.pp_stages_per_rank")]
+        return [*keep, "strategy.pp_schedule=Interleaved1F1B", f"strategy.pp_stages_per_rank={stages}"], 1
     if cfg.strategy.name == "ddp":  # one replica's work: the same run on one rank and its share of the batch
         keep = [o for o in overrides if o.split("=", 1)[0] != "trainer.global_batch_size"
                 and not o.startswith("strategy.dp_")]
@@ -456,6 +465,10 @@ def add_projection(summaries: list[Summary], points: list[Point], hardware: str)
         anchor = "1-rank point" if (s.model, s.strategy) in anchors else None
         if s.reference_step_time_s and not preset.async_device:
             scale, anchor = _anchored(case, s.reference_step_time_s, compute_only=True), "reference run"
+            if case.parallel.pp > 1:  # the whole pipeline on one rank: anchor as at a 1-rank point
+                point = by_key[f"{s.model}/{s.strategy}/{s.series}/{s.world_size}"]
+                reference = case_from_overrides(point.reference, point.reference_world, hardware)
+                scale, anchor = _anchored(reference, s.reference_step_time_s), "reference run (1 rank)"
         hw = case.hardware
         case = with_fields(case, hardware=with_fields(hw, peak_tflops=hw.peak_tflops * scale,
                                                       peak_tflops_fp32=hw.peak_tflops_fp32 * scale))

@@ -328,7 +328,8 @@ def test_cpu_ranks_that_compute_at_once_share_the_cores():
 
 def test_reference_runs_do_one_ranks_work_without_communication():
     """A study point's reference: DDP's is one rank with its share of the batch; a sharded or
-    tensor-parallel layout's is rank 0 of the same world on the fake process group; a pipeline has none."""
+    tensor-parallel layout's is rank 0 of the same world on the fake process group; a pipeline's is all
+    its stages on one rank (torch's interleaved schedule); a pipeline mixed with other dimensions has none."""
     from dtrain.config.validate import load_config
     from dtrain.scaling.study import reference_of
 
@@ -341,7 +342,11 @@ def test_reference_runs_do_one_ranks_work_without_communication():
     assert load_config([*ddp, "run.name=x"], 1).trainer.global_batch_size == 4
     fsdp, world = reference_of([*base, "strategy=fsdp"], 2)
     assert world == 2 and fsdp[-1] == "dist.backend=fake"
-    assert reference_of([*base, "strategy=pp"], 2) == (None, 1)
+    pp, world = reference_of([*base, "strategy=pp", "strategy.pp_schedule=1F1B"], 4)
+    assert world == 1 and pp[-2:] == ["strategy.pp_schedule=Interleaved1F1B", "strategy.pp_stages_per_rank=4"]
+    assert "strategy.pp_schedule=1F1B" not in pp
+    assert load_config([*pp, "run.name=x"], 1).strategy.pp_stages_per_rank == 4
+    assert reference_of([*base, "strategy=pp_fsdp"], 4) == (None, 1)
     assert reference_of([*base, "strategy=tp"], 1) == (None, 1)
     with pytest.raises(ConfigError, match="dist.backend=fake .* must not write checkpoints"):
         load_config([*base, "strategy=fsdp", "dist.backend=fake", "run.name=x"], 2)
