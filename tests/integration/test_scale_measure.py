@@ -92,6 +92,29 @@ def test_fake_backend_runs_one_ranks_share_alone(tmp_path):
     assert "strategy fsdp on 2 ranks" in done.stderr + done.stdout
 
 
+def test_a_pipelines_reference_runs_all_its_stages_on_one_rank(tmp_path):
+    """A pipeline point's reference (no fake group: a lone pipeline rank waits for its neighbours' shapes):
+    the same model and batch on one rank, every stage of the 2-stage 1F1B pipeline under torch's
+    interleaved schedule. It trains its steps and records them."""
+    from dtrain.config.validate import load_config
+    from dtrain.scaling.study import free_port, reference_of
+
+    point = ["model=gpt_tiny", "model.n_layer=2", "data=synthetic", "data.seq_len=32", "trainer.micro_batch_size=2",
+             "trainer.global_batch_size=8", "strategy=pp", "strategy.pp_schedule=1F1B", "trainer.max_steps=3",
+             "trainer.eval_every=0", "trainer.sample_tokens=0", "trainer.log_every=1",
+             "checkpoint.interval_steps=0", "checkpoint.save_final=false"]
+    reference, world = reference_of(point, 2)
+    assert world == 1 and load_config([*reference, "run.name=x"], 1).strategy.pp_stages_per_rank == 2
+    env = subprocess_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(free_port()))
+    done = run_cmd([sys.executable, "-m", "dtrain", *reference, f"run.dir={tmp_path / 'run'}", "run.name=pp"],
+                   env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["step_time_s"] > 0 for r in rows)
+    assert "strategy pp on 1 ranks" in done.stderr + done.stdout
+
+
 def test_bad_study_is_refused_before_anything_runs(tmp_path):
     study = tmp_path / "study.yaml"
     study.write_text(STUDY.replace("world_sizes: [1, 2]", "world_sizes: [1, 3]")
