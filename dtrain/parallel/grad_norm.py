@@ -57,9 +57,8 @@ def reduce_partial_grads(params: Iterable[torch.Tensor]) -> None:
         locals_ = [p.grad.to_local() for p in members]
         flat = DTensor.from_local(torch.cat([g.reshape(-1) for g in locals_]), mesh, placements, run_check=False)
         summed = flat.redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
-        for p, piece in zip(members, summed.split([g.numel() for g in locals_])):
-            p.grad = DTensor.from_local(piece.view_as(p.grad.to_local()), mesh, [Replicate()] * mesh.ndim,
-                                        run_check=False)
+        for p, local, piece in zip(members, locals_, summed.split([g.numel() for g in locals_])):
+            p.grad = DTensor.from_local(piece.view_as(local), mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def global_grad_norm(params: Iterable[torch.Tensor], plain_replicas: int = 1,

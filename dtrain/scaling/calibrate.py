@@ -268,7 +268,7 @@ def calibrate(results_path: Path | None) -> tuple[dict[str, Any], dict[str, Any]
     torch.set_num_threads(1)
     gemm = measure_gemm_flops()
     copy = measure_copy_bandwidth()
-    alpha, beta, efficiency, allreduce_times = measure_gloo_link()
+    alpha, beta, factors, allreduce_times = measure_gloo_link()
     op = measure_op_overhead()
     cpus = os.cpu_count() or 1
     corun = max(1.0, measure_corun_slowdown(cpus)) if cpus > 1 else 1.0
@@ -278,9 +278,9 @@ def calibrate(results_path: Path | None) -> tuple[dict[str, Any], dict[str, Any]
         "hbm_gbps": copy / 1e9, "gpus_per_node": 64, "nvlink_gbps_per_gpu": beta / 1e9, "nic_gbps_per_gpu": beta / 1e9,
         "compute_slots_per_node": cpus, "corun_slowdown": corun, "async_device": False, "matmul_efficiency": 1.0,
         "memory_efficiency": 1.0, "nvlink_efficiency": 1.0, "nic_efficiency": 1.0,
-        "all_gather_efficiency": efficiency["all_gather"], "reduce_scatter_efficiency": efficiency["reduce_scatter"],
-        "all_gather_latency_factor": efficiency["all_gather_latency"],
-        "reduce_scatter_latency_factor": efficiency["reduce_scatter_latency"],
+        "all_gather_efficiency": factors["all_gather"], "reduce_scatter_efficiency": factors["reduce_scatter"],
+        "all_gather_latency_factor": factors["all_gather_latency"],
+        "reduce_scatter_latency_factor": factors["reduce_scatter_latency"],
         "nvlink_latency_us": alpha * 1e6, "latency_steps": "log2",
         "nic_latency_us": alpha * 1e6, "kernel_overhead_us": op * 1e6, "flash_attention_efficiency": 1.0,
         "attention": "flash"}
@@ -333,9 +333,8 @@ def main(argv: Sequence[str]) -> int:
           f"{report['copy_bytes_per_s'] / 1e9:.2f} GB/s, gloo alpha {report['gloo_alpha_s'] * 1e6:.0f} us, beta "
           f"{report['gloo_beta_bytes_per_s'] / 1e9:.2f} GB/s (all-gather x{preset['all_gather_efficiency']:.2f}, "
           f"reduce-scatter x{preset['reduce_scatter_efficiency']:.2f}; latency all-gather "
-          f"x{preset['all_gather_latency_factor']:.2f}, reduce-scatter x{preset['reduce_scatter_latency_factor']:.2f})"
-          f", kernel overhead "
-          f"{preset['kernel_overhead_us']:.1f} us")
+          f"x{preset['all_gather_latency_factor']:.2f}, reduce-scatter "
+          f"x{preset['reduce_scatter_latency_factor']:.2f}), kernel overhead {preset['kernel_overhead_us']:.1f} us")
     if "fitted_gemm_flops" in report:
         print(f"fitted to the study's 1-rank steps: compute {report['fitted_gemm_flops'] / 1e9:.1f} GFLOP/s, kernel "
               f"overhead {preset['kernel_overhead_us']:.1f} us")

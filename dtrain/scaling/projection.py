@@ -116,16 +116,18 @@ class Timer:
         nvlink = hw.nvlink_gbps_per_gpu * 1e9 * hw.nvlink_efficiency
         bandwidth = nvlink if nodes == 1 else min(nvlink, per_node * hw.nic_gbps_per_gpu * 1e9 * hw.nic_efficiency)
         share = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0, "send": None}[kind]
-        kind_efficiency = {"all_gather": hw.all_gather_efficiency, "reduce_scatter": hw.reduce_scatter_efficiency}
-        bandwidth *= kind_efficiency.get(kind, 1.0)
+        # gloo's all-gather and reduce-scatter against its all-reduce (1, 1 on NCCL): bandwidth, latency
+        efficiency, latency_factor = {
+            "all_gather": (hw.all_gather_efficiency, hw.all_gather_latency_factor),
+            "reduce_scatter": (hw.reduce_scatter_efficiency, hw.reduce_scatter_latency_factor)}.get(kind, (1.0, 1.0))
+        bandwidth *= efficiency
         # steps inside the node: NCCL's rings, one per rank; gloo's algorithms on a host, one per doubling
         in_node = math.ceil(math.log2(per_node)) if hw.latency_steps == "log2" else per_node - 1
         if kind == "all_reduce":  # NCCL: ring steps in the node, a tree (up and down) across nodes
             latency = 2 * in_node * hw.nvlink_latency_us + 2 * math.ceil(math.log2(nodes)) * hw.nic_latency_us
         else:  # all-gather and reduce-scatter are rings: one step per rank
             latency = in_node * hw.nvlink_latency_us + (nodes - 1) * hw.nic_latency_us
-        latency *= {"all_gather": hw.all_gather_latency_factor,
-                    "reduce_scatter": hw.reduce_scatter_latency_factor}.get(kind, 1.0) * 1e-6
+        latency *= latency_factor * 1e-6
         shared = 1.0 if hw.async_device else self.slowdown  # gloo's threads share oversubscribed cores
         if share is None:  # point to point
             return (nbytes / bandwidth + (hw.nic_latency_us if nodes > 1 else hw.nvlink_latency_us) * 1e-6) * shared

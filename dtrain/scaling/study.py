@@ -454,21 +454,21 @@ def add_projection(summaries: list[Summary], points: list[Point], hardware: str)
         if problems_of(case):
             s.projection = {"error": "; ".join(problems_of(case))}
             continue
-        cases[id(s)] = case
+        cases[id(s)] = case, point
         if s.world_size == 1 and s.step_time_s and not preset.async_device:
             anchors[(s.model, s.strategy)] = _anchored(case, s.step_time_s)
     for s in summaries:
-        case = cases.get(id(s))
-        if case is None:
+        if id(s) not in cases:
             continue
+        case, point = cases[id(s)]
         scale = anchors.get((s.model, s.strategy), 1.0)
         anchor = "1-rank point" if (s.model, s.strategy) in anchors else None
-        if s.reference_step_time_s and not preset.async_device:
+        if s.reference_step_time_s and not preset.async_device and case.parallel.pp > 1:
+            # the whole pipeline on one rank: anchor as at a 1-rank point
+            reference = case_from_overrides(point.reference, point.reference_world, hardware)
+            scale, anchor = _anchored(reference, s.reference_step_time_s), "reference run (1 rank)"
+        elif s.reference_step_time_s and not preset.async_device:
             scale, anchor = _anchored(case, s.reference_step_time_s, compute_only=True), "reference run"
-            if case.parallel.pp > 1:  # the whole pipeline on one rank: anchor as at a 1-rank point
-                point = by_key[f"{s.model}/{s.strategy}/{s.series}/{s.world_size}"]
-                reference = case_from_overrides(point.reference, point.reference_world, hardware)
-                scale, anchor = _anchored(reference, s.reference_step_time_s), "reference run (1 rank)"
         hw = case.hardware
         case = with_fields(case, hardware=with_fields(hw, peak_tflops=hw.peak_tflops * scale,
                                                       peak_tflops_fp32=hw.peak_tflops_fp32 * scale))
