@@ -170,6 +170,7 @@ class HardwareConfig:
     nic_gbps_per_gpu: Optional[float] = None
     compute_slots_per_node: Optional[int] = None
     corun_slowdown: Optional[float] = None
+    step_jitter_cv: Optional[float] = None
     async_device: Optional[bool] = None
     matmul_efficiency: Optional[float] = None
     memory_efficiency: Optional[float] = None

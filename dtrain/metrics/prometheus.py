@@ -49,8 +49,9 @@ NAMED: dict[str, tuple[str, str]] = {
     "ckpt_blocked_s": ("dtrain_checkpoint_blocked_seconds", "how long the last checkpoint save blocked the loop"),
     "exposed_comm_s": ("dtrain_exposed_comm_seconds", "communication time of the last step not hidden by compute"),
     "exposed_comm_fraction": ("dtrain_exposed_comm_ratio", "share of the last step spent in exposed communication"),
-    **{f"exposed_comm_{dim}_s": (f"dtrain_exposed_comm_{dim}_seconds", f"exposed communication of the last step in "
-                                 f"{dim} collectives ({'all ranks' if dim == 'other' else f'the {dim} mesh dimension'})")
+    **{f"exposed_comm_{dim}_s": (f"dtrain_exposed_comm_{dim}_seconds",
+                                 f"exposed communication of the last step in {dim} collectives "
+                                 f"({'all ranks' if dim == 'other' else f'the {dim} mesh dimension'})")
        for dim in ("dp", "tp", "pp", "cp", "other")},
     "bubble_s": ("dtrain_bubble_seconds", "pipeline bubble of the last step: waits for a neighbouring stage"),
     "bubble_fraction": ("dtrain_bubble_ratio", "share of the last step spent in the pipeline bubble (0..1)"),

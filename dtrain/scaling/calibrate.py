@@ -26,6 +26,9 @@ The same projection that runs on GPU presets runs on this machine once its numbe
 - ``corun_slowdown``: the same small forward and backward in one process alone and in one process per
   core at once (shared caches, memory bandwidth and clock): how much slower each rank computes when
   every core is busy.
+- ``step_jitter_cv`` (with ``--results`` only; 0 without): the median step-to-step spread of the study's
+  single-process runs. A synchronous step of n ranks waits for the slowest: on a shared 2-core VM a
+  rank's step varies by several percent, and 2 ranks pay ~0.56x that, 4 ranks ~1.03x, on every step.
 
 With ``async_device: false`` the projection adds dispatch overhead to each kernel and lets nothing
 hide (gloo's threads share the cores). The 2- and 4-rank points of the same study are then the test:
@@ -254,6 +257,19 @@ def fit_compute(preset: dict[str, Any], results: dict[str, Any]) -> tuple[dict[s
     return best[1], best[2]
 
 
+def single_process_jitter(results: dict[str, Any]) -> float:
+    """``step_jitter_cv``: the median step-to-step spread of the study's single-process runs (its 1-rank
+    points and every reference run; see :func:`dtrain.scaling.study.step_jitter_cv`): how much one rank's
+    step varies on this machine when nothing waits for anything."""
+    spreads = [p.get("step_jitter_cv") for p in results["points"] if p["world_size"] == 1]
+    spreads += [p.get("reference_step_jitter_cv") for p in results["points"]]
+    spreads = [s for s in spreads if s is not None]
+    if not spreads:
+        raise ConfigError("the results hold no step-to-step spreads (step_jitter_cv): they were collected by an "
+                          "older dtrain; re-summarize them with `dtrain scale measure STUDY --out DIR --collect`")
+    return statistics.median(spreads)
+
+
 def _overrides_of(point: dict[str, Any]) -> list[str]:
     overrides_file = Path(point["run_dir"]) / "overrides.txt"
     if overrides_file.is_file():
@@ -288,7 +304,9 @@ def calibrate(results_path: Path | None) -> tuple[dict[str, Any], dict[str, Any]
                               "gloo_beta_bytes_per_s": beta, "gloo_allreduce_s": allreduce_times,
                               "op_overhead_s": op, "corun_slowdown": corun, "cpus": cpus}
     if results_path is not None:
-        preset, rows = fit_compute(preset, json.loads(results_path.read_text()))
+        results = json.loads(results_path.read_text())
+        preset, rows = fit_compute(preset, results)
+        preset["step_jitter_cv"] = report["step_jitter_cv"] = single_process_jitter(results)
         report["single_rank_fit"] = rows
         report["fitted_gemm_flops"] = preset["peak_tflops"] * 1e12
     return preset, report
@@ -299,7 +317,8 @@ def write_preset(path: Path, preset: dict[str, Any], report: dict[str, Any], com
     header = (f"# This machine, measured by `{command}` ({time.strftime('%Y-%m-%d')}; see "
               "dtrain/scaling/calibrate.py).\n"
               + (f"# Compute rate and per-kernel overhead fitted to the study's 1-rank steps: "
-                 f"{report['fitted_gemm_flops'] / 1e9:.1f} GFLOP/s.\n" if "fitted_gemm_flops" in report else "")
+                 f"{report['fitted_gemm_flops'] / 1e9:.1f} GFLOP/s; step-to-step spread of its single-process "
+                 f"runs {report['step_jitter_cv']:.1%}.\n" if "fitted_gemm_flops" in report else "")
               + f"# Microbenchmarks, one thread per rank: GEMM {report['gemm_flops'] / 1e9:.1f} GFLOP/s, copy "
               f"{report['copy_bytes_per_s'] / 1e9:.2f} GB/s, gloo all-reduce alpha "
               f"{report['gloo_alpha_s'] * 1e6:.0f} us beta {report['gloo_beta_bytes_per_s'] / 1e9:.2f} GB/s, "

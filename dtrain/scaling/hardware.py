@@ -58,6 +58,11 @@ DEFAULTS: dict[str, Any] = {
     # how much slower each rank computes when every slot of the node computes at once (shared caches,
     # memory bandwidth, clock): 1 for GPUs (each has its own), measured on a CPU by `dtrain scale calibrate`
     "corun_slowdown": 1.0,
+    # the spread of one rank's step (coefficient of variation of its compute from step to step: OS
+    # interrupts, a shared machine's other tenants, clock changes); a synchronous step ends when its
+    # slowest rank does, so n ranks pay cv x E[max of n standard normals] on top of the mean. 0 for GPU
+    # presets (their published runs already include it); measured on a CPU by `dtrain scale calibrate`
+    "step_jitter_cv": 0.0,
     # an accelerator the host feeds asynchronously: launch costs hide behind running kernels (down to a
     # floor per kernel) and communication has its own engines. False for a CPU: the host runs kernels,
     # dispatch overhead and gloo's threads on the same cores, one after another, and nothing hides
@@ -104,6 +109,7 @@ class Hardware:
     nic_gbps_per_gpu: float
     compute_slots_per_node: int | None
     corun_slowdown: float
+    step_jitter_cv: float
     async_device: bool
     matmul_efficiency: float
     memory_efficiency: float
@@ -165,6 +171,9 @@ def from_block(block: dict[str, Any], name: str = "custom") -> Hardware:
             problems.append(f"hardware.{key}={values[key]!r} must be a positive number")
     if not isinstance(values["corun_slowdown"], (int, float)) or values["corun_slowdown"] < 1:
         problems.append(f"hardware.corun_slowdown={values['corun_slowdown']!r} must be a number >= 1")
+    jitter = values["step_jitter_cv"]
+    if not isinstance(jitter, (int, float)) or isinstance(jitter, bool) or not 0 <= jitter < 1:
+        problems.append(f"hardware.step_jitter_cv={jitter!r} must be a number in [0, 1) (e.g. 0.05)")
     for key in ("matmul_efficiency", "memory_efficiency", "nvlink_efficiency", "nic_efficiency",
                 "flash_attention_efficiency", "all_gather_efficiency", "reduce_scatter_efficiency"):
         if not isinstance(values[key], (int, float)) or not 0 < values[key] <= 1:

@@ -39,6 +39,9 @@ Pure arithmetic on a :class:`~dtrain.scaling.case.Case` (no torch). The step is 
    GPU) are on the critical path.
 5. **Optimizer.** AdamW with FP32 master weights streams ~40 bytes per local parameter (master, two
    moments, gradient, the 16-bit copy, norm and clipping): memory-bound.
+6. **Stragglers.** Every rank's compute varies from step to step (``step_jitter_cv``, its coefficient of
+   variation); a synchronous step ends with its slowest rank: ``E[max of n normals] x cv`` of the
+   compute on top (counted in ``compute``; 0 on the GPU presets, measured on a CPU).
 
 Reported FLOPs follow the papers: model FLOPs count forward + backward of every matmul, attention
 scores over the full ``s x s`` (Megatron, PaLM); hardware FLOPs add what recomputation replays.
@@ -51,6 +54,7 @@ flight (``min(m, p)`` on the first stage, more with interleaving).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -342,6 +346,20 @@ class Projection:
         return out
 
 
+@functools.lru_cache(maxsize=None)
+def expected_max_of_normals(n: int) -> float:
+    """E[max of n independent standard normals] (0 for one, 1/sqrt(pi) for two, 1.03 for four, 3.24 for
+    1024), by integrating x n phi(x) Phi(x)^(n-1) on a grid fine enough for four digits."""
+    if n <= 1:
+        return 0.0
+    dx, total = 0.001, 0.0
+    for i in range(-8000, 8001):
+        x = i * dx
+        density, below = math.exp(-x * x / 2) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(x / math.sqrt(2)))
+        total += x * n * density * below ** (n - 1)
+    return total * dx
+
+
 def project(case: Case) -> Projection:
     """Step time and its parts for one CASE (validated by :func:`dtrain.scaling.case.problems_of`)."""
     model, par, hw = case.model, case.parallel, case.hardware
@@ -422,7 +440,9 @@ def project(case: Case) -> Projection:
         p2p = 2 * (m * v + p - 1) * timer.collective("send", per_gpu, 2, dp * par.cp * par.tp)
     optimizer_params = local_params / (dp_size if par.zero >= 1 else 1)
     optimizer = timer.kernel(Kernel("adamw", 0.0, OPTIMIZER_BYTES_PER_PARAM * optimizer_params, launches=20))
-    step = m * slot + bubble + p2p + dp_exposed + optimizer
+    # a synchronous step waits for its slowest rank: each rank's compute varies from step to step
+    straggle = (m * stage_compute_max + optimizer) * hw.step_jitter_cv * expected_max_of_normals(par.gpus)
+    step = m * slot + bubble + p2p + dp_exposed + optimizer + straggle
 
     tokens_step = par.global_batch * model.seq_len
     flops_token = model_flops_per_token(model)
@@ -432,7 +452,7 @@ def project(case: Case) -> Projection:
     mem = memory(case, m)
     capacity = hw.hbm_gib * 2**30
     by_dim = {"dp": (dp_exposed + m * fsdp_mb) / step, "tp": m * tp_mb / step, "pp": p2p / step, "cp": m * cp_mb / step}
-    breakdown = {"compute": m * stage_compute_max, "optimizer": optimizer, "dp": dp_exposed + m * fsdp_mb,
+    breakdown = {"compute": m * stage_compute_max + straggle, "optimizer": optimizer, "dp": dp_exposed + m * fsdp_mb,
                  "tp": m * tp_mb, "pp": p2p, "cp": m * cp_mb, "bubble": bubble}
     return Projection(
         gpus=par.gpus, step_time_s=step, tokens_per_s_per_gpu=tokens_step / step / par.gpus,

@@ -136,6 +136,8 @@ class Summary:
     run_dir: str = ""
     rounds_step_time_s: list[float | None] = field(default_factory=list)  # with repeats: every round's median
     reference_step_time_s: float | None = None  # the per-rank work alone, without communication (median)
+    step_jitter_cv: float | None = None  # how much the step varies from step to step (see step_jitter_cv)
+    reference_step_jitter_cv: float | None = None
     error: str | None = None
     projection: dict[str, Any] | None = None
 
@@ -341,6 +343,21 @@ def _median_step(run_dir: Path, study: Study) -> float | None:
     return statistics.median(r["step_time_s"] for r in rows) if rows else None
 
 
+def step_jitter_cv(step_times: list[float]) -> float | None:
+    """The spread of a run's step time from step to step, relative to its mean: the RMS of successive
+    differences over sqrt(2) (a slow drift of the whole machine, which every rank sees alike and which
+    costs no waiting, cancels out; what one process suffers on its own stays). A single-process run's
+    value is the projection's ``step_jitter_cv``: n synchronous ranks wait for the slowest of them."""
+    if len(step_times) < 3:
+        return None
+    diffs = [b - a for a, b in zip(step_times, step_times[1:])]
+    return (sum(d * d for d in diffs) / len(diffs) / 2) ** 0.5 / statistics.mean(step_times)
+
+
+def _jitter(run_dir: Path, study: Study) -> float | None:
+    return step_jitter_cv([r["step_time_s"] for r in _measured_rows(run_dir, study)])
+
+
 def summarize(point: Point, study: Study, run_dir: Path, cpus: int) -> Summary:
     summary = Summary(point.model, point.strategy, point.series, point.world_size, point.global_batch,
                       run_dir=str(run_dir), oversubscribed=point.world_size > cpus)
@@ -360,6 +377,7 @@ def summarize(point: Point, study: Study, run_dir: Path, cpus: int) -> Summary:
     summary.steps_measured = len(rows)
     summary.step_time_s = median("step_time_s")
     summary.step_time_best_s = min(r["step_time_s"] for r in rows)
+    summary.step_jitter_cv = step_jitter_cv([r["step_time_s"] for r in rows])
     summary.tokens_per_s = median("tokens_per_s")
     summary.tokens_per_s_per_rank = summary.tokens_per_s / point.world_size if summary.tokens_per_s else None
     summary.exposed_comm_fraction = median("exposed_comm_fraction")
@@ -404,7 +422,7 @@ def _anchored(case, measured: float, compute_only: bool = False):
 
     hw = case.hardware
     if compute_only:  # nobody shares the cores
-        hw = with_fields(hw, corun_slowdown=1.0, compute_slots_per_node=None)
+        hw = with_fields(hw, corun_slowdown=1.0, compute_slots_per_node=None, step_jitter_cv=0.0)
 
     def at(scale: float):
         return with_fields(case, hardware=with_fields(hw, peak_tflops=hw.peak_tflops * scale,
@@ -433,7 +451,8 @@ def add_projection(summaries: list[Summary], points: list[Point], hardware: str)
     :func:`reference_of`), else its model and strategy's 1-rank point (a pipeline). What the projection
     adds to that, and what the comparison with the measured step tests, is everything that comes with
     more ranks: the collectives (gloo's measured latency and bandwidth), ranks competing for the cores,
-    the pipeline bubble."""
+    the pipeline bubble, and waiting for the slowest rank (each rank's step-to-step spread as the same
+    single-process measurement showed it: ``step_jitter_cv``)."""
     from dataclasses import replace as with_fields
 
     from dtrain.scaling.case import problems_of
@@ -443,6 +462,7 @@ def add_projection(summaries: list[Summary], points: list[Point], hardware: str)
     by_key = {p.key: p for p in points}
     preset = resolve(hardware)
     anchors: dict[tuple[str, str], float] = {}
+    jitters: dict[tuple[str, str], float | None] = {}
     cases = {}
     for s in summaries:
         point = by_key[f"{s.model}/{s.strategy}/{s.series}/{s.world_size}"]
@@ -457,6 +477,7 @@ def add_projection(summaries: list[Summary], points: list[Point], hardware: str)
         cases[id(s)] = case, point
         if s.world_size == 1 and s.step_time_s and not preset.async_device:
             anchors[(s.model, s.strategy)] = _anchored(case, s.step_time_s)
+            jitters[(s.model, s.strategy)] = s.step_jitter_cv
     for s in summaries:
         if id(s) not in cases:
             continue
@@ -469,11 +490,15 @@ def add_projection(summaries: list[Summary], points: list[Point], hardware: str)
             scale, anchor = _anchored(reference, s.reference_step_time_s), "reference run (1 rank)"
         elif s.reference_step_time_s and not preset.async_device:
             scale, anchor = _anchored(case, s.reference_step_time_s, compute_only=True), "reference run"
+        # each rank's step-to-step spread as its reference run (else the 1-rank point) showed it
+        jitter = next((cv for cv in (s.reference_step_jitter_cv, jitters.get((s.model, s.strategy)))
+                       if cv is not None and not preset.async_device), case.hardware.step_jitter_cv)
         hw = case.hardware
         case = with_fields(case, hardware=with_fields(hw, peak_tflops=hw.peak_tflops * scale,
-                                                      peak_tflops_fp32=hw.peak_tflops_fp32 * scale))
+                                                      peak_tflops_fp32=hw.peak_tflops_fp32 * scale,
+                                                      step_jitter_cv=jitter))
         result = project(case)
-        s.projection = {"hardware": hardware, "anchor": anchor,
+        s.projection = {"hardware": hardware, "anchor": anchor, "step_jitter_cv": jitter,
                         "compute_gflops": round(case.hardware.peak_tflops * 1e3, 2),
                         "step_time_s": result.step_time_s, "exposed_comm_fraction": result.exposed_comm_fraction,
                         "bubble_fraction": result.bubble_fraction,
@@ -562,6 +587,7 @@ def main(argv: Sequence[str]) -> int:
             summary.error = error or summary.error
             if point.reference:
                 summary.reference_step_time_s = _median_step(reference_dir, study)
+                summary.reference_step_jitter_cv = _jitter(reference_dir, study)
             rounds[point.key].append(summary)
             if not args.collect:
                 result = summary.error or f"step {summary.step_time_s:.3f}s, {summary.tokens_per_s:.0f} tok/s, " \

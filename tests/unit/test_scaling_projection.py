@@ -417,3 +417,75 @@ def test_an_uneven_pipeline_split_runs_at_its_largest_stage_and_computes_only_it
     for bad in ([2, 2, 2], [2, 2, 1, 2], [2, 2, 1, "x"]):
         with pytest.raises(ConfigError, match="parallel.stage_layers="):
             parse(case(**pipeline, **{"model.layers": 6, "parallel.stage_layers": bad}))
+
+
+def test_a_synchronous_step_waits_for_its_slowest_rank():
+    """Each rank's compute varies from step to step (step_jitter_cv); n synchronous ranks pay the expected
+    maximum of n of them: cv x E[max of n normals] of the compute on top (E = 1/sqrt(pi) for 2, 1.03 for
+    4), nothing at one rank, and nothing on the GPU presets (0)."""
+    import math
+
+    from dtrain.scaling.hardware import from_block, load_preset
+    from dtrain.scaling.projection import expected_max_of_normals
+
+    assert expected_max_of_normals(1) == 0.0
+    assert expected_max_of_normals(2) == pytest.approx(1 / math.sqrt(math.pi), abs=1e-4)
+    assert expected_max_of_normals(4) == pytest.approx(1.0294, abs=1e-4)
+    steady = {**CPU, "corun_slowdown": 1.0}
+    for world in (1, 2, 4):
+        still = project(_cpu_case(["strategy=ddp"], world, steady))
+        shaky = project(_cpu_case(["strategy=ddp"], world, {**steady, "step_jitter_cv": 0.1}))
+        wait = 0.1 * expected_max_of_normals(world) * (still.breakdown_s["compute"] + still.breakdown_s["optimizer"])
+        assert shaky.step_time_s == pytest.approx(still.step_time_s + wait, rel=1e-9)
+        assert (shaky.step_time_s > still.step_time_s) == (world > 1)
+    assert all(load_preset(name).step_jitter_cv == 0.0 for name in ("a100_80gb", "h100_sxm", "h200_sxm"))
+    with pytest.raises(ConfigError, match="step_jitter_cv"):
+        from_block({**CPU, "step_jitter_cv": 1.5})
+
+
+def test_step_jitter_is_the_spread_a_rank_suffers_alone_not_the_machines_drift():
+    """step_jitter_cv of a run: successive differences cancel a slow drift that every rank would see at
+    once (no waiting), and keep the step-to-step noise of one process; calibrate takes the median over the
+    study's single-process runs (1-rank points and references)."""
+    from dtrain.scaling.calibrate import single_process_jitter
+    from dtrain.scaling.study import step_jitter_cv
+
+    assert step_jitter_cv([1.0] * 8) == 0.0
+    assert step_jitter_cv([1.0, 1.0]) is None
+    drift = [1.0 + 0.01 * i for i in range(8)]  # 7% slower by the end, steadily
+    noise = [1.0, 1.1] * 4  # +-5% around 1.05, step to step
+    assert step_jitter_cv(drift) < 0.01 < 0.05 < step_jitter_cv(noise) < 0.1
+    points = [{"world_size": 1, "step_jitter_cv": 0.02, "reference_step_jitter_cv": None},
+              {"world_size": 2, "step_jitter_cv": 0.5, "reference_step_jitter_cv": 0.04},
+              {"world_size": 4, "step_jitter_cv": 0.5, "reference_step_jitter_cv": 0.06}]
+    assert single_process_jitter({"points": points}) == pytest.approx(0.04)
+    with pytest.raises(ConfigError, match="--collect"):
+        single_process_jitter({"points": [{"world_size": 2, "step_time_s": 1.0}]})
+
+
+def test_the_closed_loop_gives_each_point_its_references_spread():
+    """In a study each multi-rank point waits for its slowest rank with the spread its own reference run
+    showed (else its 1-rank point's): the reference's 0.1 s of compute at cv 0.1 adds 0.1 x 0.1 x 1/sqrt(pi)
+    (times the co-run slowdown of two busy cores)."""
+    from dtrain.scaling.projection import expected_max_of_normals
+    from dtrain.scaling.study import Point, Summary, add_projection, reference_of
+
+    overrides = ["model=gpt_tiny", "data=synthetic", "data.seq_len=64", "trainer.micro_batch_size=2",
+                 "trainer.global_batch_size=8", "strategy=ddp"]
+    reference, reference_world = reference_of(overrides, 2)
+    points = [Point("gpt_tiny", "ddp", "strong", 1, overrides, 8),
+              Point("gpt_tiny", "ddp", "strong", 2, overrides, 8, reference, reference_world)]
+
+    def projected(cv):
+        summaries = [Summary("gpt_tiny", "ddp", "strong", 1, 8, step_time_s=0.2, step_jitter_cv=0.3),
+                     Summary("gpt_tiny", "ddp", "strong", 2, 8, step_time_s=0.15, reference_step_time_s=0.1,
+                             reference_step_jitter_cv=cv)]
+        add_projection(summaries, points, "cpu_local")
+        assert summaries[0].projection["step_time_s"] == pytest.approx(0.2, rel=1e-6)  # one rank waits for none
+        return summaries[1].projection
+
+    steady, shaky = projected(0.0), projected(0.1)
+    assert (steady["step_jitter_cv"], shaky["step_jitter_cv"]) == (0.0, 0.1)
+    wait = 0.1 * expected_max_of_normals(2) * 0.1 * resolve("cpu_local").corun_slowdown
+    assert shaky["step_time_s"] == pytest.approx(steady["step_time_s"] + wait, rel=1e-4)
+    assert projected(None)["step_jitter_cv"] == 0.3
