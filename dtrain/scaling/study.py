@@ -338,11 +338,6 @@ def _complete(run_dir: Path, study: Study) -> bool:
     return len(_measured_rows(run_dir, study)) >= study.steps
 
 
-def _median_step(run_dir: Path, study: Study) -> float | None:
-    rows = _measured_rows(run_dir, study)
-    return statistics.median(r["step_time_s"] for r in rows) if rows else None
-
-
 def step_jitter_cv(step_times: list[float]) -> float | None:
     """The spread of a run's step time from step to step, relative to its mean: the RMS of successive
     differences over sqrt(2) (a slow drift of the whole machine, which every rank sees alike and which
@@ -354,8 +349,10 @@ def step_jitter_cv(step_times: list[float]) -> float | None:
     return (sum(d * d for d in diffs) / len(diffs) / 2) ** 0.5 / statistics.mean(step_times)
 
 
-def _jitter(run_dir: Path, study: Study) -> float | None:
-    return step_jitter_cv([r["step_time_s"] for r in _measured_rows(run_dir, study)])
+def _reference_steps(run_dir: Path, study: Study) -> tuple[float | None, float | None]:
+    """A reference run's median step and its step-to-step spread (None, None without measured steps)."""
+    times = [r["step_time_s"] for r in _measured_rows(run_dir, study)]
+    return (statistics.median(times), step_jitter_cv(times)) if times else (None, None)
 
 
 def summarize(point: Point, study: Study, run_dir: Path, cpus: int) -> Summary:
@@ -491,8 +488,11 @@ def add_projection(summaries: list[Summary], points: list[Point], hardware: str)
         elif s.reference_step_time_s and not preset.async_device:
             scale, anchor = _anchored(case, s.reference_step_time_s, compute_only=True), "reference run"
         # each rank's step-to-step spread as its reference run (else the 1-rank point) showed it
-        jitter = next((cv for cv in (s.reference_step_jitter_cv, jitters.get((s.model, s.strategy)))
-                       if cv is not None and not preset.async_device), case.hardware.step_jitter_cv)
+        jitter = case.hardware.step_jitter_cv
+        if not preset.async_device and s.reference_step_jitter_cv is not None:
+            jitter = s.reference_step_jitter_cv
+        elif not preset.async_device and jitters.get((s.model, s.strategy)) is not None:
+            jitter = jitters[(s.model, s.strategy)]
         hw = case.hardware
         case = with_fields(case, hardware=with_fields(hw, peak_tflops=hw.peak_tflops * scale,
                                                       peak_tflops_fp32=hw.peak_tflops_fp32 * scale,
@@ -586,8 +586,8 @@ def main(argv: Sequence[str]) -> int:
             summary = summarize(point, study, run_dir, cpus)
             summary.error = error or summary.error
             if point.reference:
-                summary.reference_step_time_s = _median_step(reference_dir, study)
-                summary.reference_step_jitter_cv = _jitter(reference_dir, study)
+                median, spread = _reference_steps(reference_dir, study)
+                summary.reference_step_time_s, summary.reference_step_jitter_cv = median, spread
             rounds[point.key].append(summary)
             if not args.collect:
                 result = summary.error or f"step {summary.step_time_s:.3f}s, {summary.tokens_per_s:.0f} tok/s, " \
