@@ -232,6 +232,7 @@ class Trainer:
             self.goodput.end(self.step, "preempted" if isinstance(e, Preempted) else "error")
             raise
         finally:
+            self.train_loader.close()
             self.monitor.close()
             self.logger.close()
             self.checkpoints.close()

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 def ignore_preemption_signals(worker_id: int) -> None:
     """In a DataLoader worker: leave preemption to the trainer. torchrun and Kubernetes signal the
     whole process group, so a worker that died of SIGTERM would crash the loop before the trainer
-    could save; the workers exit by themselves when the trainer process ends."""
+    could save. The trainer ends them itself (:meth:`ResumableLoader.close`): the SIGTERM with which
+    multiprocessing ends leftover children at interpreter exit is ignored too."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
 
@@ -97,6 +98,12 @@ class ResumableLoader:
         batch = next(self._iterator)
         self.next_sample += self.global_batch
         return batch
+
+    def close(self) -> None:
+        """Shut the worker processes down now (dropping the iterator does: persistent_workers=False).
+        Left to interpreter exit after an error, multiprocessing would join workers that ignore its
+        SIGTERM, and the rank would hang until its launcher kills it."""
+        self._iterator = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"next_sample": self.next_sample, "global_batch": self.global_batch, "seed": self.seed,

@@ -113,3 +113,21 @@ def test_worker_processes_give_the_same_batches():
     plain = consumed(ResumableLoader(dataset, 8, 1, 2, seed=3), 3)
     workers = consumed(ResumableLoader(dataset, 8, 1, 2, seed=3, num_workers=2), 3)
     assert all(torch.equal(a, b) for a, b in zip(plain, workers))
+
+
+def test_close_ends_the_worker_processes_which_ignore_sigterm():
+    """The workers ignore SIGTERM (preemption is the trainer's), so the SIGTERM with which
+    multiprocessing ends leftover children at exit would not: close() must end them itself."""
+    import multiprocessing
+
+    loader = ResumableLoader(SyntheticTokens("train", seq_len=4, vocab_size=50, num_samples=37), 8, 0, 1, seed=3,
+                             num_workers=1)
+    next(loader)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 1
+    workers[0].terminate()  # what multiprocessing's exit function sends first
+    workers[0].join(timeout=2)
+    assert workers[0].is_alive()
+    loader.close()
+    workers[0].join(timeout=30)
+    assert not workers[0].is_alive() and not multiprocessing.active_children()
