@@ -34,7 +34,7 @@ OFFLOAD = ["strategy.offload_optimizer=cpu"]
 # (ZeRO-3 gathers every layer, AutoTP all-reduces every block); zero1 and zero2 keep 2 micro-batches per
 # rank, and the sync tests below run every family with 2 and with 1.
 ZERO3, PIPE, AUTOTP = ["strategy=zero3", *BIG_MICRO], ["strategy=ds_pp", *BIG_MICRO], ["strategy=ds_tp", *ONE_MICRO]
-# (overrides, reference) for 20 steps at 2 ranks; ds_pp and ds_tp keep the embedding and head tied
+# (overrides, reference) for STEPS steps at 2 ranks; ds_pp and ds_tp keep the embedding and head tied
 TWO_RANKS = [
     (["strategy=zero1"], "tied"),
     (["strategy=zero2"], "tied"),
@@ -233,8 +233,8 @@ def references() -> dict:
     sample = generate(single.sampling_model(), SAMPLE_PROMPT, 6, SEQ, temperature=0.0)
     return {"sample": sample,
             "tied": trajectory(["strategy=single"], 1, data),
-            "tied_5": trajectory(["strategy=single"], 1, data[:5]),
-            "untied_5": trajectory(["strategy=single", *UNTIED], 1, data[:5]),
+            f"tied_{VARIANT_STEPS}": trajectory(["strategy=single"], 1, data[:VARIANT_STEPS]),
+            f"untied_{VARIANT_STEPS}": trajectory(["strategy=single", *UNTIED], 1, data[:VARIANT_STEPS]),
             "padded": trajectory(["strategy=single", *UNTIED], 1, padded_batches()),
             "bf16_5": trajectory(["strategy=single", *UNTIED], 1, data[:5], precision="bf16")}
 

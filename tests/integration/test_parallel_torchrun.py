@@ -1,5 +1,5 @@
 """End to end through real torchrun: the CLI, the loader's data-parallel slicing, the unchanged trainer
-loop and the strategies together give the single-process losses for 20 steps; bad layouts fail
+loop and the strategies together give the single-process losses for 10 steps; bad layouts fail
 before any rank starts work.
 
 One run per family and world size (process start-up dominates on 2 cores); the wider matrix of
@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import TINY_DATA, TINY_TRAIN, dtrain_single, read_metrics, torchrun
 
-STEPS = 20
+STEPS = 10
 # the default tied model everywhere: pipelines keep a copy of the embedding on the last stage (3d@8 with
 # FSDP and tensor parallel shards of it) and sum the copies' gradients
 PARITY = [*TINY_TRAIN, *TINY_DATA, "model.n_layer=4", f"trainer.max_steps={STEPS}"]
@@ -27,7 +27,7 @@ def reference(tmp_path_factory):
     result = dtrain_single([*PARITY, "strategy=single", f"run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(run_dir)
-    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5  # it learns, so matching is not trivial
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5  # it learns (by 0.58 in 10 steps), so matching is not trivial
     return rows
 
 
@@ -36,7 +36,7 @@ def reference(tmp_path_factory):
     (2, ["strategy=pp", "strategy.pp_schedule=Interleaved1F1B"]),
     (8, ["strategy=3d", "trainer.micro_batch_size=4", "strategy.pp_schedule=GPipe"]),
 ], ids=["tp@2", "pp-interleaved@2", "3d@8"])
-def test_losses_match_one_process_for_20_steps(reference, tmp_path, nproc, overrides):
+def test_losses_match_one_process_step_by_step(reference, tmp_path, nproc, overrides):
     result = torchrun(nproc, [*PARITY, *overrides, f"run.dir={tmp_path}"], timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(tmp_path)
