@@ -10,8 +10,8 @@ setup-dev:
 quickstart: setup
 	.venv/bin/torchrun --standalone --nproc-per-node=2 -m dtrain experiment=quickstart
 
-# the suite CI runs (~20 min on 2 cores); `test-all` adds the slow variants (every pipeline schedule,
-# activation checkpointing, compile, ...: another ~5 min)
+# the suite CI runs (19-33 min of pytest time on 2 cores, depending on the VM); `test-all` adds the
+# slow cases (compile under FSDP, DeepSpeed at 4 ranks, the 4-rank hang test, ...: another ~5 min)
 test: setup-dev
 	.venv/bin/python -m pytest -q -m "not slow"
 
