@@ -489,10 +489,11 @@ def add_projection(summaries: list[Summary], points: list[Point], hardware: str)
             scale, anchor = _anchored(case, s.reference_step_time_s, compute_only=True), "reference run"
         # each rank's step-to-step spread as its reference run (else the 1-rank point) showed it
         jitter = case.hardware.step_jitter_cv
-        if not preset.async_device and s.reference_step_jitter_cv is not None:
-            jitter = s.reference_step_jitter_cv
-        elif not preset.async_device and jitters.get((s.model, s.strategy)) is not None:
-            jitter = jitters[(s.model, s.strategy)]
+        if not preset.async_device:
+            measured = s.reference_step_jitter_cv
+            if measured is None:
+                measured = jitters.get((s.model, s.strategy))
+            jitter = jitter if measured is None else measured
         hw = case.hardware
         case = with_fields(case, hardware=with_fields(hw, peak_tflops=hw.peak_tflops * scale,
                                                       peak_tflops_fp32=hw.peak_tflops_fp32 * scale,
